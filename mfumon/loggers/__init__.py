@@ -1,0 +1,134 @@
+"""Where metrics go: a two-method interface (`log`, `close`) and the built-in backends.
+
+Built-in names for `monitor(loggers=...)`: "stdout", "jsonl", "wandb", "tensorboard". A
+`Logger` instance may be passed instead of a name. Backends with heavy dependencies are
+imported only when their name is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mfumon.errors import ConfigError, ConfigTypeError
+
+__all__ = ["LOGGER_NAMES", "Logger", "LoggerSet", "make_loggers"]
+
+_log = logging.getLogger("mfumon")
+
+
+class Logger:
+    """Base class of mfumon loggers; every method is optional and does nothing by default.
+
+    `log` receives the metric dict of one window (keys from `mfumon.metrics.METRIC_KEYS`) and the
+    optimizer step it ends at. `log_run_info` is called once, at the first log, with facts about
+    the run (device, dtype, peak, parameter counts). `log_summary` receives `Monitor.summary()`
+    at close. Exceptions raised by any method are caught by the monitor, reported once, and the
+    logger is switched off.
+    """
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Write the metrics of one window ending at optimizer step `step`."""
+
+    def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
+        """Called instead of `log` for windows made only of warm-up steps (default: ignore them)."""
+
+    def log_run_info(self, info: Mapping[str, Any]) -> None:
+        """Record facts about the run (called once, at the first log)."""
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Record the whole-run summary (called once, at close)."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+def _stdout(**kw: Any) -> Logger:
+    from mfumon.loggers.stdout import StdoutLogger
+
+    return StdoutLogger()
+
+
+def _jsonl(*, run_name: str, log_dir: Path, **kw: Any) -> Logger:
+    from mfumon.loggers.jsonl import JsonlLogger
+
+    return JsonlLogger(log_dir / f"{run_name}.jsonl")
+
+
+def _wandb(*, run_name: str, log_dir: Path, **kw: Any) -> Logger:
+    module = importlib.import_module("mfumon.loggers.wandb_logger")
+    return module.WandbLogger(run_name=run_name, log_dir=log_dir)
+
+
+def _tensorboard(*, run_name: str, log_dir: Path, **kw: Any) -> Logger:
+    module = importlib.import_module("mfumon.loggers.tensorboard_logger")
+    return module.TensorBoardLogger(log_dir / run_name)
+
+
+_FACTORIES = {"stdout": _stdout, "jsonl": _jsonl, "wandb": _wandb, "tensorboard": _tensorboard}
+LOGGER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def validate_logger_spec(spec: Iterable[str | Logger] | str | Logger | None) -> list[str | Logger]:
+    """The logger spec as a list, or ConfigError/ConfigTypeError naming what to pass."""
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Logger)):
+        spec = [spec]
+    items = list(spec)
+    for item in items:
+        if isinstance(item, str):
+            if item not in _FACTORIES:
+                raise ConfigError(
+                    f"loggers: unknown logger {item!r}; pass any of {list(LOGGER_NAMES)} "
+                    "or a mfumon.Logger instance"
+                )
+        elif not isinstance(item, Logger):
+            raise ConfigTypeError(
+                f"loggers: expected names from {list(LOGGER_NAMES)} or mfumon.Logger instances, "
+                f"got {type(item).__name__}"
+            )
+    return items
+
+
+def make_loggers(
+    spec: Iterable[str | Logger] | str | Logger | None, *, run_name: str, log_dir: Path
+) -> list[Logger]:
+    """Build the loggers named in `spec` (names or `Logger` instances); setup errors raise here."""
+    return [
+        _FACTORIES[item](run_name=run_name, log_dir=log_dir) if isinstance(item, str) else item
+        for item in validate_logger_spec(spec)
+    ]
+
+
+class LoggerSet:
+    """Fans out to several loggers; a logger that raises is reported once and switched off."""
+
+    def __init__(self, loggers: Iterable[Logger]) -> None:
+        self.loggers = list(loggers)
+
+    def __len__(self) -> int:
+        return len(self.loggers)
+
+    def call(self, method: str, *args: Any) -> None:
+        """Call `method` on every live logger, dropping any that raises."""
+        for logger in list(self.loggers):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:  # a logger must never stop a training run
+                self.loggers.remove(logger)
+                _log.warning(
+                    "mfumon: logger %s raised in %s (%s: %s); it is switched off, training goes on",
+                    type(logger).__name__,
+                    method,
+                    type(exc).__name__,
+                    exc,
+                )
+                if method != "close":
+                    try:
+                        logger.close()
+                    except Exception:
+                        pass

@@ -1,0 +1,43 @@
+"""One JSON object per log in a file, flushed at every write."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mfumon.loggers import Logger
+
+__all__ = ["JsonlLogger"]
+
+
+class JsonlLogger(Logger):
+    """Appends `{"step", "time", "peak_dtype", <metric keys>}` per log to `path`.
+
+    The whole-run summary goes to `<path stem>.summary.json` beside it at close. Every line is
+    flushed when written, so a run that crashes keeps all lines written before the crash.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._extra: dict[str, Any] = {}
+
+    def log_run_info(self, info: Mapping[str, Any]) -> None:
+        self._extra = {"peak_dtype": info.get("peak_dtype"), "device": info.get("device")}
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        record = {"step": step, "time": time.time(), **self._extra, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        target = self.path.with_suffix(".summary.json")
+        target.write_text(json.dumps(dict(summary), indent=2) + "\n", encoding="utf-8")
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()

@@ -1,0 +1,81 @@
+"""One compact human line per log on stdout."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from mfumon import metrics as K
+from mfumon.loggers import Logger
+
+__all__ = ["StdoutLogger", "format_line"]
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def format_line(metrics: Mapping[str, float], step: int, *, dtype: str | None = None, note: str = "") -> str:
+    """The stdout line for one window: percent, TFLOP/s, tokens/s and ms."""
+    parts = [f"[mfumon] step {step}" + (f" ({note})" if note else "")]
+    if K.MFU in metrics:
+        mfu = f"MFU {metrics[K.MFU] * 100:.1f}%"
+        if K.HFU in metrics and abs(metrics[K.HFU] - metrics[K.MFU]) > 1e-9:
+            mfu += f" HFU {metrics[K.HFU] * 100:.1f}%"
+        parts.append(mfu)
+    tflops = f"{metrics[K.TFLOPS_PER_DEVICE]:.3g} TFLOP/s/dev" if K.TFLOPS_PER_DEVICE in metrics else ""
+    if K.PEAK_TFLOPS in metrics:
+        tflops += f" (peak {metrics[K.PEAK_TFLOPS]:.4g} {dtype or ''})".replace(" )", ")")
+    if tflops:
+        parts.append(tflops)
+    if K.TOKENS_PER_S in metrics:
+        parts.append(f"{_num(metrics[K.TOKENS_PER_S])} tok/s")
+    if K.STEP_TIME_MS in metrics:
+        parts.append(f"{metrics[K.STEP_TIME_MS]:.1f} ms/step")
+    if K.MFU_AVG in metrics:
+        parts.append(f"avg MFU {metrics[K.MFU_AVG] * 100:.1f}%")
+    if K.MFU_MEASURED in metrics:
+        parts.append(f"MFU vs measured {metrics[K.MFU_MEASURED] * 100:.1f}%")
+    return " | ".join(parts)
+
+
+class StdoutLogger(Logger):
+    """Prints one line per log: `[mfumon] step 40 | MFU 38.2% | 378 TFLOP/s/dev (peak 989 bf16) | ...`."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._dtype: str | None = None
+
+    def _write(self, line: str) -> None:
+        stream = self._stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+    def log_run_info(self, info: Mapping[str, Any]) -> None:
+        self._dtype = info.get("peak_dtype")
+        device = info.get("device") or "unknown device"
+        peak = info.get("peak_tflops")
+        peak_txt = f"peak {peak:.4g} TFLOP/s {self._dtype}" if peak else "no peak known (pass peak_tflops=)"
+        gflop = info.get("flops_per_token", 0) / 1e9
+        self._write(
+            f"[mfumon] {device} x{info.get('world_size', 1)}, {peak_txt}; "
+            f"{gflop:.4g} GFLOP/token (training); "
+            f"warm-up {info.get('warmup', 0)} steps excluded from averages"
+        )
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._write(format_line(metrics, step, dtype=self._dtype))
+
+    def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
+        note = f"warm-up {min(step, warmup)}/{warmup}, not in averages"
+        self._write(format_line(metrics, step, dtype=self._dtype, note=note))
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        steps = summary.get("steps", 0)
+        if not steps:
+            self._write("[mfumon] run summary: no timed steps after warm-up")
+            return
+        self._write(
+            format_line(summary, int(summary.get("last_step", steps)), dtype=self._dtype, note="run summary")
+        )

@@ -1,0 +1,134 @@
+"""Step timing on the device's own timeline, with no host synchronization per step.
+
+On CUDA every optimizer step records one event on the current stream; on the CPU it takes
+`time.perf_counter()`. Nothing is read back at step time. At log time `resolve()` walks the
+recorded steps in order and stops at the first one the device has not finished yet
+(`Event.query()` does not block), so a log never waits for the GPU queue to drain; unfinished
+steps are carried over to the next log.
+
+Token counts may be 0-d device tensors (e.g. `attention_mask.sum()`). They are copied
+asynchronously into pinned host memory before the step's event is recorded, so by the time the
+event has completed the value is on the host and can be read without a sync.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["StepRecord", "StepTimer"]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One resolved optimizer step: its 1-based index, device seconds (None if untimed) and tokens."""
+
+    index: int
+    seconds: float | None
+    tokens: float
+
+
+class _Pending:
+    __slots__ = ("end", "index", "start", "tokens")
+
+    def __init__(self, index: int, start: Any, end: Any, tokens: Any) -> None:
+        self.index = index
+        self.start = start  # mark at which this step began; None when it started while paused
+        self.end = end
+        self.tokens = tokens  # int/float, or a pinned 0-d CPU tensor filled asynchronously
+
+
+class StepTimer:
+    """Records a mark per step and resolves finished steps lazily.
+
+    `device` selects the clock: CUDA events for a CUDA device, `time.perf_counter` otherwise.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._pending: deque[_Pending] = deque()
+        self._last: Any = None  # mark the next step starts from; None while paused
+        self._free_events: list[torch.cuda.Event] = []
+        self._free_slots: list[torch.Tensor] = []
+
+    # -- marks ---------------------------------------------------------------------------------
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _ready(self, mark: Any) -> bool:
+        return True if not self.cuda else bool(mark.query())
+
+    def _elapsed_s(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return end - start
+        return start.elapsed_time(end) / 1e3  # both events have completed: no host sync
+
+    def _release(self, mark: Any) -> None:
+        if self.cuda and mark is not None and mark is not self._last:
+            self._free_events.append(mark)
+
+    # -- public --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start (or resume) timing: the next step is measured from here."""
+        if self._last is None:
+            self._last = self._mark()
+
+    def pause(self) -> None:
+        """Stop timing until `start()`; time in between (e.g. evaluation) belongs to no step."""
+        self._last = None
+
+    @property
+    def paused(self) -> bool:
+        """True between `pause()` and the next `start()`."""
+        return self._last is None
+
+    def mark_step(self, index: int, tokens: int | float | torch.Tensor) -> None:
+        """Mark the end of step `index`, which processed `tokens` (a number or a 0-d tensor)."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = self._stage(tokens)
+        end = self._mark()
+        self._pending.append(_Pending(index, self._last, end, tokens))
+        self._last = end
+
+    def _stage(self, tokens: torch.Tensor) -> Any:
+        if tokens.device.type == "cpu":
+            return tokens.detach().to(torch.float64).reshape(())
+        slot = (
+            self._free_slots.pop()
+            if self._free_slots
+            else torch.empty((), dtype=torch.float64, pin_memory=self.cuda)
+        )
+        slot.copy_(tokens.detach().reshape(()), non_blocking=True)  # lands before the event completes
+        return slot
+
+    def resolve(self, *, wait: bool = False) -> list[StepRecord]:
+        """Finished steps since the last call, in order; with `wait`, block until all are done."""
+        if wait and self.cuda and self._pending:
+            self._pending[-1].end.synchronize()  # host sync: only at close(), once
+        out: list[StepRecord] = []
+        while self._pending and self._ready(self._pending[0].end):
+            rec = self._pending.popleft()
+            seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
+            tokens = rec.tokens
+            if isinstance(tokens, torch.Tensor):
+                value = float(tokens)  # a CPU tensor already written: no device sync
+                if tokens.is_pinned():
+                    self._free_slots.append(tokens)
+                tokens = value
+            out.append(StepRecord(rec.index, seconds, float(tokens)))
+            self._release(rec.start)
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Steps recorded but not yet resolved."""
+        return len(self._pending)

@@ -1,0 +1,79 @@
+"""Two real gloo processes: global figures and rank-0-only output."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mfumon
+from mfumon import metrics as K
+
+FPT = 1_000_000
+STEPS, LOG_EVERY = 12, 6
+TOKENS = {0: 100, 1: 300}  # tokens per step on each rank
+DELAY_S = {0: 0.0, 1: 0.03}  # rank 1 is slower
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from tests.conftest import TinyLM
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    model = torch.nn.parallel.DistributedDataParallel(TinyLM())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    times = []
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        flops_per_token=FPT,
+        peak_tflops=1.0,
+        log_every=LOG_EVERY,
+        warmup=0,
+        loggers=("stdout", "jsonl"),
+        run_name="dist",
+        log_dir=out_dir,
+    ) as mon:
+        for _ in range(STEPS):
+            t0 = time.perf_counter()
+            idx = torch.randint(0, 32, (1, TOKENS[rank] + 1))
+            loss = model(idx[:, :-1]).logsumexp(-1).mean()
+            time.sleep(DELAY_S[rank])
+            loss.backward()  # the gradient all-reduce keeps ranks in step
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=TOKENS[rank])
+            times.append(time.perf_counter() - t0)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"times": times, "metrics": mon.metrics}))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_log_global_figures_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    out = capfd.readouterr().out
+    assert out.count("[mfumon] step 6 |") == 1 and out.count("[mfumon] step 12 |") == 1  # rank 0 only
+    assert out.count("(run summary)") == 1
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["dist.jsonl"]
+    lines = [json.loads(x) for x in (tmp_path / "dist.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [6, 12]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # what each rank saw itself: steps 2..12 of the second window (step 7 includes the log's wait)
+    slowest_ms = max(sum(r["times"][6:]) / 6 for r in ranks) * 1e3
+    last = lines[-1]
+    assert last[K.STEP_TIME_MS] == pytest.approx(slowest_ms, rel=0.25)
+    assert last[K.STEP_TIME_MS] >= DELAY_S[1] * 1e3
+    assert last[K.TOKENS_PER_S] == pytest.approx(
+        (100 + 300) / (last[K.STEP_TIME_MS] / 1e3)
+    )  # summed over ranks
+    assert last[K.TOKENS_PER_S_PER_DEVICE] == pytest.approx(last[K.TOKENS_PER_S] / 2)
+    # MFU = global FLOPs / (time x world x peak)
+    assert last[K.MFU] == pytest.approx(400 * FPT / (last[K.STEP_TIME_MS] / 1e3) / (2 * 1e12))
+    # every rank holds the same global numbers
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]

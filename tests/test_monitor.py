@@ -1,0 +1,328 @@
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mfumon
+from mfumon import metrics as K
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
+from mfumon.loggers import Logger
+from tests.conftest import TinyLM, mfumon_records, train_step
+
+FPT = 1_000_000  # training FLOPs per token, given explicitly where the model's count is not the point
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class Recorder(Logger):
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, dict]] = []
+        self.warmups: list[int] = []
+        self.info: dict | None = None
+        self.summary: dict | None = None
+        self.closed = False
+
+    def log(self, metrics, step):  # type: ignore[no-untyped-def]
+        self.logs.append((step, dict(metrics)))
+
+    def log_warmup(self, metrics, step, warmup):  # type: ignore[no-untyped-def]
+        self.warmups.append(step)
+
+    def log_run_info(self, info):  # type: ignore[no-untyped-def]
+        self.info = dict(info)
+
+    def log_summary(self, summary):  # type: ignore[no-untyped-def]
+        self.summary = dict(summary)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_jsonl_tokens_per_s_agrees_with_wall_time(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
+    steps, warmup = 30, 5
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=5,
+        warmup=warmup,
+        loggers=("jsonl",),
+        peak_tflops=1.0,
+        run_name="wall",
+        log_dir=tmp_path,
+    ) as mon:
+        for i in range(1, steps + 1):
+            tokens = train_step(model, opt)
+            mon.step(tokens=tokens)
+            if i == warmup:
+                t0 = time.perf_counter()  # the timed region starts where warm-up ends
+    wall_s = time.perf_counter() - t0
+    records = read_jsonl(tmp_path / "wall.jsonl")
+    assert [r["step"] for r in records] == [10, 15, 20, 25, 30]
+    seconds = sum(r[K.STEP_TIME_MS] / 1e3 * 5 for r in records)  # 5 steps per window
+    tokens = sum(r[K.TOKENS_PER_S] * r[K.STEP_TIME_MS] / 1e3 * 5 for r in records)
+    assert tokens == pytest.approx((steps - warmup) * 4 * 8)  # batch 4 x seq 8 per step
+    # the test's clock brackets the same 25 steps, plus the exit of the with-block
+    assert tokens / seconds == pytest.approx(tokens / wall_s, rel=0.05)
+    assert mon.summary()[K.TOKENS_PER_S] == pytest.approx(tokens / seconds, rel=1e-9)
+
+
+def test_metric_keys_and_their_relations(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=4,
+        warmup=2,
+        loggers=("jsonl",),
+        peak_tflops=0.5,
+        flops_per_token=FPT,
+        run_name="keys",
+        log_dir=tmp_path,
+    ) as mon:
+        for _ in range(12):
+            mon.step(tokens=train_step(model, opt))
+    rec = read_jsonl(tmp_path / "keys.jsonl")[-1]
+    expected = {
+        K.MFU,
+        K.HFU,
+        K.TFLOPS_PER_DEVICE,
+        K.HW_TFLOPS_PER_DEVICE,
+        K.TOKENS_PER_S,
+        K.TOKENS_PER_S_PER_DEVICE,
+        K.STEP_TIME_MS,
+        K.PEAK_TFLOPS,
+        K.MFU_AVG,
+    }
+    assert set(rec) == expected | {"step", "time", "peak_dtype", "device"}
+    assert set(mon.metrics) == expected
+    assert rec[K.TFLOPS_PER_DEVICE] == pytest.approx(rec[K.TOKENS_PER_S] * FPT / 1e12)
+    assert rec[K.MFU] == pytest.approx(rec[K.TFLOPS_PER_DEVICE] / 0.5)
+    assert rec[K.HFU] == rec[K.MFU]  # no recompute
+    assert rec[K.PEAK_TFLOPS] == 0.5
+    assert rec[K.TOKENS_PER_S_PER_DEVICE] == rec[K.TOKENS_PER_S]  # one device
+    assert rec["peak_dtype"] == "fp32"
+
+
+def test_flops_per_token_come_from_the_model(tiny) -> None:
+    model, _ = tiny
+    with pytest.warns(MfumonWarning, match="peak_tflops"):
+        mon = mfumon.Monitor(model, seq_len=8, loggers=())
+    assert mon.flops_per_token == mfumon.flops_per_token(model, 8)
+
+
+def test_cpu_has_no_peak_so_no_mfu_and_one_warning(tiny) -> None:
+    model, opt = tiny
+    with pytest.warns(MfumonWarning, match="peak_tflops") as caught:
+        mon = mfumon.Monitor(model, seq_len=8, log_every=2, warmup=0, loggers=())
+    assert len([w for w in caught if issubclass(w.category, MfumonWarning)]) == 1
+    with mon:
+        for _ in range(4):
+            mon.step(tokens=train_step(model, opt))
+    assert K.MFU not in mon.metrics and K.HFU not in mon.metrics and K.PEAK_TFLOPS not in mon.metrics
+    assert mon.metrics[K.TOKENS_PER_S] > 0
+
+
+def test_env_peak_override_gives_mfu(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = tiny
+    monkeypatch.setenv("MFUMON_PEAK_TFLOPS", "2.0")
+    with mfumon.monitor(model, seq_len=8, log_every=2, warmup=0, loggers=(), flops_per_token=FPT) as mon:
+        for _ in range(2):
+            mon.step(tokens=train_step(model, opt))
+    assert mon.metrics[K.PEAK_TFLOPS] == 2.0
+    assert mon.metrics[K.MFU] == pytest.approx(mon.metrics[K.TFLOPS_PER_DEVICE] / 2.0)
+
+
+def test_warmup_excluded_from_averages_and_announced(tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    model, opt = tiny
+    rec = Recorder()
+    with mfumon.monitor(
+        model, seq_len=8, log_every=2, warmup=3, loggers=("stdout", rec), peak_tflops=1.0, flops_per_token=FPT
+    ) as mon:
+        for _ in range(8):
+            mon.step(tokens=train_step(model, opt))
+    out = capsys.readouterr().out
+    assert "step 2 (warm-up 2/3, not in averages)" in out
+    assert rec.warmups == [2]  # step 4's window holds step 4, which is past warm-up
+    assert [s for s, _ in rec.logs] == [4, 6, 8]
+    assert rec.summary is not None and rec.summary["steps"] == 8 - 3
+    assert rec.summary["tokens"] == (8 - 3) * 32
+    assert rec.summary[K.MFU_AVG] == pytest.approx(rec.logs[-1][1][K.MFU_AVG])
+
+
+def test_gradient_accumulation_micro_steps(tiny) -> None:
+    model, opt = tiny
+    rec = Recorder()
+    with mfumon.monitor(
+        model, seq_len=8, log_every=3, warmup=0, loggers=(rec,), peak_tflops=1.0, flops_per_token=FPT
+    ) as mon:
+        for _ in range(6):
+            for _ in range(2):  # two micro-batches of 4 x 8 tokens, one optimizer step
+                mon.micro_step(tokens=32)
+            mon.step()
+        mon.micro_step(tokens=10)
+        mon.step(tokens=5)  # both add up: 15
+    assert mon.summary()["tokens"] == 6 * 64 + 15
+    assert mon.summary()["steps"] == 7
+
+
+def test_tensor_tokens_on_cpu(tiny) -> None:
+    model, opt = tiny
+    with mfumon.monitor(
+        model, seq_len=8, log_every=2, warmup=0, loggers=(), peak_tflops=1.0, flops_per_token=FPT
+    ) as mon:
+        for _ in range(4):
+            mask = torch.ones(4, 8, dtype=torch.long)
+            mask[:, 6:] = 0  # two padding positions per row
+            train_step(model, opt)
+            mon.step(tokens=mask.sum())
+    assert mon.summary()["tokens"] == 4 * 4 * 6
+
+
+def test_pause_excludes_evaluation_time(tiny) -> None:
+    model, opt = tiny
+    with mfumon.monitor(
+        model, seq_len=8, log_every=4, warmup=0, loggers=(), peak_tflops=1.0, flops_per_token=FPT
+    ) as mon:
+        for _ in range(4):
+            mon.step(tokens=train_step(model, opt))
+            with mon.paused():
+                time.sleep(0.05)  # "evaluation": must not appear in any step
+    # steps of a tiny model take ~1 ms; with the sleeps inside they would take >= 50 ms
+    assert mon.summary()["steps"] == 4  # each step after a pause is timed from resume()
+    assert mon.summary()[K.STEP_TIME_MS] < 50
+
+
+def test_without_with_block(tiny) -> None:
+    model, opt = tiny
+    rec = Recorder()
+    mon = mfumon.Monitor(
+        model, seq_len=8, log_every=5, warmup=1, loggers=(rec,), peak_tflops=1.0, flops_per_token=FPT
+    )
+    mon.start()
+    for _ in range(7):
+        mon.step(tokens=train_step(model, opt))
+    mon.close()
+    mon.close()  # idempotent
+    assert [s for s, _ in rec.logs] == [5, 7]  # last partial window logged at close
+    assert rec.closed and rec.summary is not None and rec.summary["steps"] == 6
+    assert rec.info is not None and rec.info["flops_per_token"] == FPT
+
+
+def test_step_before_start_starts_the_clock(tiny) -> None:
+    model, opt = tiny
+    mon = mfumon.Monitor(model, log_every=100, warmup=0, loggers=(), peak_tflops=1.0, flops_per_token=FPT)
+    for _ in range(3):
+        mon.step(tokens=train_step(model, opt))
+    mon.close()
+    assert mon.summary()["steps"] == 2  # step 1 started the clock
+
+
+def test_raising_logger_is_switched_off_and_training_goes_on(tiny, mfumon_log) -> None:
+    class Broken(Logger):
+        calls = 0
+
+        def log(self, metrics, step):  # type: ignore[no-untyped-def]
+            Broken.calls += 1
+            raise OSError("disk full")
+
+    model, opt = tiny
+    good = Recorder()
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=2,
+        warmup=0,
+        loggers=(Broken(), good),
+        peak_tflops=1.0,
+        flops_per_token=FPT,
+    ) as mon:
+        for _ in range(10):
+            mon.step(tokens=train_step(model, opt))
+    assert Broken.calls == 1
+    assert len(good.logs) == 5
+    records = mfumon_records(mfumon_log)
+    assert len(records) == 1 and "disk full" in records[0].getMessage()
+
+
+def test_jsonl_keeps_lines_when_the_run_crashes(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
+    with pytest.raises(RuntimeError, match="boom"):
+        with mfumon.monitor(
+            model,
+            seq_len=8,
+            log_every=2,
+            warmup=0,
+            loggers=("jsonl",),
+            peak_tflops=1.0,
+            flops_per_token=FPT,
+            run_name="crash",
+            log_dir=tmp_path,
+        ) as mon:
+            for i in range(1, 10):
+                mon.step(tokens=train_step(model, opt))
+                if i == 7:
+                    # every line so far is on disk before the crash
+                    assert len(read_jsonl(tmp_path / "crash.jsonl")) == 3
+                    raise RuntimeError("boom")
+    lines = read_jsonl(tmp_path / "crash.jsonl")
+    assert [r["step"] for r in lines] == [2, 4, 6, 7]  # close() logged step 7's partial window
+    assert json.loads((tmp_path / "crash.summary.json").read_text())["steps"] == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seq_len": 0}, "seq_len must be an int >= 1"),
+        ({"seq_len": 8, "log_every": 0}, "log_every must be an int >= 1"),
+        ({"seq_len": 8, "warmup": -1}, "warmup must be an int >= 0"),
+        ({"seq_len": 8, "loggers": ("stdout", "nope")}, "unknown logger 'nope'"),
+        ({}, "seq_len is required"),
+        ({"seq_len": 8, "peak_tflops": 0}, "peak_tflops"),
+        ({"seq_len": 8, "dtype": "fp12"}, "fp12"),
+    ],
+)
+def test_bad_setup_fails_fast_naming_the_argument(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        mfumon.Monitor(TinyLM(), **{"peak_tflops": 1.0, **kwargs})
+
+
+def test_model_without_parameters_and_wrong_kinds() -> None:
+    with pytest.raises(ConfigError, match="no parameters"):
+        mfumon.Monitor(torch.nn.ReLU(), seq_len=8, peak_tflops=1.0)
+    with pytest.raises(ConfigTypeError, match="torch.nn.Module"):
+        mfumon.Monitor("gpt2", seq_len=8, peak_tflops=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ConfigTypeError, match="loggers"):
+        mfumon.Monitor(TinyLM(), seq_len=8, peak_tflops=1.0, loggers=(print,))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "tokens", [-1, 2.5, float("nan"), "32", True, torch.ones(2, dtype=torch.long), torch.tensor(True)]
+)
+def test_bad_tokens_fail_at_once(tokens: object) -> None:
+    mon = mfumon.Monitor(TinyLM(), seq_len=8, loggers=(), peak_tflops=1.0)
+    with pytest.raises(ConfigError, match="tokens"):
+        mon.step(tokens=tokens)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="tokens"):
+        mon.micro_step(tokens=tokens)  # type: ignore[arg-type]
+
+
+def test_step_without_tokens_says_what_to_pass() -> None:
+    mon = mfumon.Monitor(TinyLM(), seq_len=8, loggers=(), peak_tflops=1.0)
+    with pytest.raises(ConfigError, match=r"tokens=.*micro_step"):
+        mon.step()
+
+
+def test_whole_float_tokens_are_accepted(tiny) -> None:
+    model, opt = tiny
+    with mfumon.monitor(model, seq_len=8, log_every=2, warmup=0, loggers=(), peak_tflops=1.0) as mon:
+        for _ in range(2):
+            train_step(model, opt)
+            mon.step(tokens=32.0)
+    assert mon.summary()["tokens"] == 2 * 32

@@ -10,10 +10,10 @@ metrics line, writes runs/<run-name>.jsonl, and logs to W&B too when wandb is in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
-import this  # noqa: F401 - its module text (the Zen of Python, rot13) is our tiny corpus
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -64,7 +64,10 @@ class TinyGPT(nn.Module):
 
 
 def corpus() -> torch.Tensor:
-    text = "".join(this.d.get(c, c) for c in this.s) * 8  # decode the rot13 Zen of Python
+    """The Zen of Python (stored rot13 in the `this` module, which prints it on import), as char ids."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    text = "".join(this.d.get(c, c) for c in this.s) * 8
     chars = sorted(set(text))
     return torch.tensor([chars.index(c) for c in text], dtype=torch.long)
 
@@ -84,7 +87,8 @@ def main() -> None:
     vocab = int(data.max()) + 1
     model = TinyGPT(vocab, args.seq_len).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     loggers = ["stdout", "jsonl"]
     if importlib.util.find_spec("wandb") is not None and os.environ.get("WANDB_MODE") != "disabled":

@@ -313,24 +313,22 @@ class Monitor:
             self._fault("metrics", exc)
 
     def _local_windows(self, records: list[StepRecord]) -> tuple[Window, Window]:
-        warm, meas = EMPTY_WINDOW, EMPTY_WINDOW
-        for rec in records:
-            if rec.seconds is None:
+        """This rank's warm-up and measured windows from resolved steps (odd timings dropped)."""
+        sums = [[0, 0.0, 0.0], [0, 0.0, 0.0]]  # [steps, tokens, seconds] for warm-up, measured
+        for index, seconds, tokens in records:
+            if seconds is None:
                 continue  # started while paused: not timed
-            if not (rec.seconds > 0.0 and math.isfinite(rec.seconds)) or rec.tokens < 0:
-                self._fault("timing", ValueError(f"step {rec.index}: {rec.seconds} s, {rec.tokens} tokens"))
+            if not (seconds > 0.0 and math.isfinite(seconds)) or not (tokens >= 0 and math.isfinite(tokens)):
+                self._fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
                 continue
-            w = Window(
-                1,
-                rec.tokens,
-                rec.tokens * self.flops_per_token,
-                rec.tokens * self.hw_flops_per_token,
-                rec.seconds,
-            )
-            if rec.index <= self._warmup:
-                warm += w
-            else:
-                meas += w
+            acc = sums[index > self._warmup]
+            acc[0] += 1
+            acc[1] += tokens
+            acc[2] += seconds
+        warm, meas = (
+            Window(n, tok, tok * self.flops_per_token, tok * self.hw_flops_per_token, sec)
+            for n, tok, sec in sums
+        )
         return warm, meas
 
     def _reduce(self, warm: Window, meas: Window) -> tuple[Window, Window]:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = ["StepRecord", "StepTimer"]
 
 
-@dataclass(frozen=True)
-class StepRecord:
+class StepRecord(NamedTuple):
     """One resolved optimizer step: its 1-based index, device seconds (None if untimed) and tokens."""
 
     index: int

@@ -7,17 +7,19 @@ Importing mfumon imports torch and nothing of a training framework; integrations
 from __future__ import annotations
 
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning, MissingDependencyError
-from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
+from mfumon.flops import CONVENTIONS, FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
 from mfumon.hardware import peak_flops
 from mfumon.loggers import Logger
 from mfumon.metrics import METRIC_KEYS
 from mfumon.monitor import Monitor, monitor
-from mfumon.params import ParamCounts, count_params
+from mfumon.params import AttentionShape, ParamCounts, count_params, register_moe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONVENTIONS",
     "METRIC_KEYS",
+    "AttentionShape",
     "ConfigError",
     "ConfigTypeError",
     "FlopBreakdown",
@@ -33,4 +35,5 @@ __all__ = [
     "measure_flops",
     "monitor",
     "peak_flops",
+    "register_moe",
 ]

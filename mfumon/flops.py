@@ -14,23 +14,42 @@ Conventions (``convention=``), all per token of training (forward + backward = 3
 - ``"chinchilla"`` (Hoffmann et al. 2022, App. F): the embedding counts as a matmul
   (6 x embedding), the weight matrices as above, attention as in "palm", the softmax at
   3 FLOPs per score (x3 for training: 9 x heads x s per layer); norms and biases are not counted.
+
+``FlopBreakdown.recompute`` (HFU only) is the forward, under the same convention, of each module
+activation checkpointing re-runs (see :mod:`mfumon.recompute`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from mfumon.errors import ConfigError, ConfigTypeError
-from mfumon.params import AttentionShape, _layout
+from mfumon.params import (
+    HEADS_ATTRS,
+    QK_DIM_ATTRS,
+    AttentionShape,
+    MoELayer,
+    ParamCounts,
+    _attention_shape,
+    _explicit_registrations,
+    _find_moe,
+    _Layout,
+    _layout,
+    _module_int,
+    _named_modules,
+    _numel,
+    _shape,
+)
 
 __all__ = ["CONVENTIONS", "FlopBreakdown", "flop_breakdown", "flops_per_token", "measure_flops"]
 
 CONVENTIONS = ("mfumon", "6N", "palm", "chinchilla")
+_EMPTY = _Layout(ParamCounts(0, 0, 0, 0, 0), 0, 0, 0, 0, 0, 0, (), ())  # a region without parameters
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,7 @@ def flop_breakdown(
     experts: Any = None,
     top_k: int | None = None,
     attention: Sequence[AttentionShape] | None = None,
+    recompute: Any = "auto",
 ) -> FlopBreakdown:
     """Training FLOPs per token of `model` at `seq_len`, by component (see the module docstring).
 
@@ -109,7 +129,12 @@ def flop_breakdown(
         experts, top_k: passed to :func:`mfumon.count_params` for custom MoE layouts.
         attention: one AttentionShape per attention layer, replacing the ones read from the model
             (for custom modules whose attention carries no head attributes).
+        recompute: what activation checkpointing re-runs, in the `recompute` field (HFU): "auto"
+            (found on the model, see :mod:`mfumon.recompute`), "none", a fraction in [0, 1] of the
+            model's forward FLOPs, or the checkpointed modules (each re-runs its forward once).
     """
+    from mfumon.recompute import check_recompute, recompute_flops  # recompute imports this module
+
     _check_seq_len(seq_len)
     if not isinstance(causal, bool):
         raise ConfigTypeError(f"causal must be True or False, got {causal!r}")
@@ -120,11 +145,35 @@ def flop_breakdown(
     if doc_lengths is not None and convention != "mfumon":
         raise ConfigError(f"doc_lengths applies to convention='mfumon' only, not {convention!r}")
     docs = _check_docs(doc_lengths, seq_len)
+    spec = check_recompute(recompute)
     layout = _layout(model, experts=experts, top_k=top_k)
     layers = tuple(attention) if attention is not None else layout.attention
     if attention is not None and not all(isinstance(a, AttentionShape) for a in layers):
         raise ConfigTypeError("attention= takes a sequence of mfumon.AttentionShape, one per attention layer")
+    base = _components(layout, layers, seq_len, causal=causal, convention=convention, docs=docs)
+    if spec == "none":
+        return base
 
+    def subtree(module: nn.Module, path: str) -> FlopBreakdown:
+        """The same count restricted to one module and its submodules (a checkpointed region)."""
+        sub, sub_layers = _subtree_layout(model, module, path, layout, experts=experts, top_k=top_k)
+        if attention is not None:
+            sub_layers = ()  # user-given shapes belong to no module: the region's attention is not known
+        return _components(sub, sub_layers, seq_len, causal=causal, convention=convention, docs=docs)
+
+    return replace(base, recompute=recompute_flops(model, spec, total=base.total, subtree_flops=subtree))
+
+
+def _components(
+    layout: _Layout,
+    layers: Sequence[AttentionShape],
+    seq_len: int,
+    *,
+    causal: bool,
+    convention: str,
+    docs: list[int],
+) -> FlopBreakdown:
+    """The breakdown of one parameter layout and its attention layers under `convention`."""
     weights = {
         "attn_proj": matmul_training_flops(layout.attn_weights),
         "mlp": matmul_training_flops(layout.mlp_weights),
@@ -174,6 +223,7 @@ def flops_per_token(
         experts=experts,
         top_k=top_k,
         attention=attention,
+        recompute="none",  # model FLOPs only: what checkpointing re-runs is not part of the total
     ).total
 
 
@@ -215,6 +265,48 @@ def measure_flops(
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _subtree_layout(
+    model: nn.Module, module: nn.Module, path: str, root: _Layout, *, experts: Any, top_k: int | None
+) -> tuple[_Layout, tuple[AttentionShape, ...]]:
+    """The layout of one region of the model (a checkpointed module), MoE layers as in the whole model.
+
+    MoE blocks inside the region are read with the top_k found for them in the whole model; a region
+    inside an MoE block (an expert, the expert container) counts its routed parameters at top_k / E.
+    """
+    inside = {m.top_k for m in root.moe if _within(m.path, path)}
+    k = top_k or (inside.pop() if len(inside) == 1 else None)
+    own_shape = _attention_shape(module) if _module_int(module, HEADS_ATTRS + QK_DIM_ATTRS) else None
+    if next(iter(module.parameters()), None) is None:  # e.g. a parameter-free "core attention" module
+        return _EMPTY, (own_shape,) if own_shape else ()
+    sub = _layout(module, experts=experts, top_k=k)
+    layers = sub.attention or ((own_shape,) if own_shape else ())  # the walk skips its root module
+    for block in root.moe:
+        if path.startswith(block.path + "."):
+            sub = _scale_routed(sub, module, model.get_submodule(block.path), block, experts)
+    return sub, layers
+
+
+def _within(inner: str, outer: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+
+def _scale_routed(
+    sub: _Layout, module: nn.Module, owner: nn.Module, block: MoELayer, experts: Any
+) -> _Layout:
+    """`sub` (the layout of `module`, inside MoE block `owner`) with its routed experts at top_k / E."""
+    explicit = _explicit_registrations(experts, block.top_k)
+    _, routed, _ = _find_moe(owner, _named_modules(owner), explicit, block.top_k)
+    k, e = block.top_k, block.num_experts
+    drop = {"mlp": 0, "vector": 0}
+    for p in {id(p): p for p in module.parameters()}.values():
+        if id(p) in routed:
+            n = _numel(p)
+            drop["vector" if len(_shape(p)) < 2 else "mlp"] += n - n * k // e  # where the walk put it
+    return replace(
+        sub, mlp_weights=sub.mlp_weights - drop["mlp"], vector_params=sub.vector_params - drop["vector"]
+    )
 
 
 def _dims(a: AttentionShape) -> tuple[int, int, int]:

@@ -99,6 +99,9 @@ class Monitor:
         flops_per_token: training FLOPs per token, overriding the count from `model`.
         causal: count attention with causal masking (default) or PaLM's full-matrix convention.
         convention: FLOP convention of `mfumon.flop_breakdown` ("mfumon", "6N", "palm", "chinchilla").
+        recompute: what activation checkpointing re-runs, counted in HFU only: "auto" (found on the
+            model at setup: enable checkpointing before building the monitor), "none", a fraction in
+            [0, 1] of the model's forward FLOPs, or the checkpointed modules.
         device: device whose clock and peak are used (default: the model's).
         measure_ceiling: also time a large GEMM at start and log `mfumon/mfu_measured` against it.
     """
@@ -118,6 +121,7 @@ class Monitor:
         flops_per_token: int | None = None,
         causal: bool = True,
         convention: str = "mfumon",
+        recompute: Any = "auto",
         device: torch.device | str | None = None,
         measure_ceiling: bool = False,
     ) -> None:
@@ -152,7 +156,9 @@ class Monitor:
             self.seq_len = _positive_int("seq_len", seq_len, "tokens per sequence")
             from mfumon.flops import flop_breakdown
 
-            self.breakdown = flop_breakdown(model, self.seq_len, causal=causal, convention=convention)
+            self.breakdown = flop_breakdown(
+                model, self.seq_len, causal=causal, convention=convention, recompute=recompute
+            )
             self.flops_per_token = int(self.breakdown.total)
             self.hw_flops_per_token = int(self.breakdown.hardware)
 

@@ -1,0 +1,399 @@
+"""Recompute FLOPs (HFU): checkpointing found on real tiny models, checked against FlopCounterMode.
+
+How a measured step converts to the analytic numbers:
+  FlopCounterMode counts what the dispatcher runs, recompute included. As in test_flops.py, the
+  attention kernels compute all s x s scores ("palm" convention) and no elementwise work is counted,
+  so `other` (6 x norm scales and biases) and its share of the recompute (2 x the checkpointed
+  regions' vectors) are left out:
+      measured == (palm.hardware - palm.other - 2 x region_vectors) x tokens.
+  mfumon counts each checkpointed module's whole forward once more. PyTorch's non-reentrant
+  checkpoint (the default of checkpoint_wrapper and of transformers 5) stops the recompute early,
+  after the last tensor the backward needs: ops at the end of the region whose output nothing saves
+  are not re-run. In a pre-norm layer ending in `x + down_proj(h)` that is the down projection, so
+  there the measured step is smaller by 2 x its weights per token per layer. Tests use
+  use_reentrant=True or early_stop=False for the exact match, and check the early-stop difference
+  on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import mfumon
+from mfumon import metrics as K
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
+from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
+from mfumon.params import count_params
+from mfumon.recompute import Checkpointed, CheckpointPlan, find_checkpointing
+from tests.tiny_models import HIDDEN, VOCAB, Block, Expert, HandLM, hand_moe_lm, hf_model, token_batch
+
+d, V, S, B = HIDDEN, VOCAB, 16, 2  # hidden 64, vocabulary 128, 16 tokens per sequence, batch 2
+aten = torch.ops.aten
+
+# Hand-written dense block (tests/tiny_models.Block with a GELU MLP), per token:
+HAND_WEIGHTS = d * 3 * d + d * d + 2 * d * 4 * d  # qkv 12288 + proj 4096 + MLP 32768 = 49152
+HAND_VECTORS = 3 * d + d + 4 * d + d + 2 * 2 * d  # qkv, proj, fc1, fc2 biases; ln1, ln2: 832
+HAND_ATTN_PALM = 2 * 4 * (16 + 16) * S  # forward, 4 heads x (qk 16 + v 16) x 16 keys = 4096
+HAND_ATTN_CAUSAL = 2 * 4 * (16 + 16) * 136 // S  # 136 causal keys over 16 queries: 2176
+
+# Tiny Llama decoder layer (tests/tiny_models "llama"), per token:
+LLAMA_WEIGHTS = d * 64 + 2 * d * 32 + 64 * d + 3 * d * 96  # q, k, v (2 K/V heads x 16), o; MLP: 30720
+LLAMA_VECTORS = 2 * d  # two RMSNorms: 128
+LLAMA_ATTN_PALM = 2 * 4 * (16 + 16) * S  # 4096
+LLAMA_DOWN = 96 * d  # the down projection, the layer's last matmul: 6144
+
+
+def dense_lm(seed: int = 0) -> HandLM:
+    torch.manual_seed(seed)
+    return HandLM([nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(2)])
+
+
+def counted(model: nn.Module, inputs: Any, region_vectors: int, **kwargs: Any) -> tuple[int, int]:
+    """(FlopCounterMode's count of one training step, the analytic hardware FLOPs converted to it)."""
+    palm = flop_breakdown(model, S, convention="palm", **kwargs)
+    return measure_flops(model, inputs), (palm.hardware - palm.other - 2 * region_vectors) * B * S
+
+
+def enable_hf(model: nn.Module, **kwargs: Any) -> None:
+    """gradient_checkpointing_enable on transformers 4.57, its new name on 5.x."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(kwargs)
+
+
+def hf_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+# --- the 8N rule --------------------------------------------------------------------------------
+
+
+def test_full_checkpointing_gives_8_flops_per_weight() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256, bias=False), nn.GELU(), nn.Linear(256, 64, bias=False))
+    model = nn.Sequential(checkpoint_wrapper(mlp), nn.Linear(64, 64, bias=False))
+    b = flop_breakdown(model, seq_len=1)
+    # N = 64*256 + 256*64 = 32768 checkpointed weights, 64*64 = 4096 plain ones
+    assert b.total == 6 * (32_768 + 4_096)
+    assert b.recompute == 2 * 32_768
+    assert b.hardware == 8 * 32_768 + 6 * 4_096
+
+
+@pytest.mark.transformers
+def test_checkpointed_llama_layer_counts_8n_and_its_attention_once_more() -> None:
+    pytest.importorskip("transformers")
+    model = hf_model("llama")
+    enable_hf(model)
+    hf_layers(model)[1].gradient_checkpointing = False  # only layer 0 re-runs its forward
+    six_n = flop_breakdown(model, S, convention="6N")
+    layer = LLAMA_WEIGHTS + LLAMA_VECTORS  # 30848 parameters multiplied per token
+    assert six_n.hardware == 6 * (count_params(model).matmul_active - layer) + 8 * layer
+    causal = flop_breakdown(model, S)
+    assert causal.recompute == 2 * layer + 2 * 4 * (16 + 16) * 136 // S  # + causal attention forward
+    assert flop_breakdown(model, S, recompute="none").recompute == 0
+    assert causal.total == flops_per_token(model, S)  # model FLOPs do not change
+
+
+# --- detection ----------------------------------------------------------------------------------
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mixtral", "deepseek_v3"])
+def test_hf_gradient_checkpointing_is_found(model_type: str) -> None:
+    pytest.importorskip("transformers")
+    model = hf_model(model_type)
+    assert find_checkpointing(model).modules == ()
+    enable_hf(model)
+    layers = hf_layers(model)
+    prefix = "model.layers" if hasattr(model, "model") else "transformer.h"
+    expected = tuple(Checkpointed(f"{prefix}.{i}", "transformers") for i in range(len(layers)))
+    assert find_checkpointing(model) == CheckpointPlan(expected, ())
+
+
+def test_plain_models_raise_no_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for model in (dense_lm(), hand_moe_lm()):
+            assert flop_breakdown(model, S).recompute == 0
+
+
+def test_apply_activation_checkpointing_wrappers_are_found() -> None:
+    model = dense_lm()
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    plan = find_checkpointing(model)
+    assert [c.path for c in plan.modules] == ["blocks.0", "blocks.1"]
+    assert {c.source for c in plan.modules} == {"checkpoint_wrapper"} and plan.hidden == ()
+    # each block: 2 x (weights + vectors) + causal attention forward
+    assert flop_breakdown(model, S).recompute == 2 * (2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_CAUSAL)
+
+
+def test_lightning_fsdp_activation_checkpointing_policy_is_found() -> None:
+    fsdp = pytest.importorskip("lightning.fabric.strategies.fsdp")
+    model = dense_lm()
+    # what FSDPStrategy(activation_checkpointing_policy={Block}) applies to the module at setup
+    fsdp._setup_activation_checkpointing(model, fsdp._activation_checkpointing_kwargs(None, {Block}))
+    assert [(c.path, c.source) for c in find_checkpointing(model).modules] == [
+        ("blocks.0", "checkpoint_wrapper"),
+        ("blocks.1", "checkpoint_wrapper"),
+    ]
+
+
+@pytest.mark.transformers
+def test_hf_selective_kwargs_and_every_n_layers() -> None:
+    transformers = pytest.importorskip("transformers")
+    model = hf_model("llama", num_hidden_layers=4)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        model.activation_checkpointing_enable(every_n_layers=2)
+        assert [c.path for c in find_checkpointing(model).modules] == ["model.layers.0", "model.layers.2"]
+    enable_hf(model, use_reentrant=False, context_fn=sac([aten.mm.default]))  # Llama has no biases
+    plan = find_checkpointing(model)
+    assert len(plan.modules) == 4 and {c.saves for c in plan.modules} == {frozenset({"matmul"})}
+    # the matmuls are kept: each layer re-runs its causal attention forward and its norms
+    assert flop_breakdown(model, S).recompute == 4 * (2 * 4 * (16 + 16) * 136 // S + 2 * LLAMA_VECTORS)
+
+
+# --- against execution --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrap", ["reentrant", "no_early_stop"])
+@pytest.mark.parametrize("blocks", [[0], [0, 1]])
+def test_hand_model_matches_flop_counter(wrap: str, blocks: list[int]) -> None:
+    model = dense_lm()
+    kwargs = {"checkpoint_impl": CheckpointImpl.REENTRANT} if wrap == "reentrant" else {"early_stop": False}
+    for i in blocks:
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i], **kwargs)
+    measured, analytic = counted(model, token_batch(B, S), region_vectors=len(blocks) * HAND_VECTORS)
+    assert measured == analytic
+    recompute = flop_breakdown(model, S, convention="palm").recompute
+    assert recompute == len(blocks) * (2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_PALM)
+
+
+def test_early_stop_skips_the_regions_last_matmul() -> None:
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])  # non-reentrant, early stop on: the default
+    measured, analytic = counted(model, token_batch(B, S), region_vectors=HAND_VECTORS)
+    assert measured == analytic - 2 * 4 * d * d * B * S  # fc2 (256 -> 64) is not re-run
+
+
+def test_experts_checkpointed_inside_an_moe_block_count_top_k_of_e() -> None:
+    model = hand_moe_lm(num_experts=4, top_k=2, f=32)  # every token goes to exactly 2 of 4 experts
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, early_stop=False),
+        check_fn=lambda m: isinstance(m, Expert),
+    )
+    assert len(find_checkpointing(model).modules) == 4
+    assert flop_breakdown(model, S).recompute == 2 * (4 * 2 * d * 32) * 2 // 4  # 2 x experts' weights x k/E
+    measured, analytic = counted(model, token_batch(B, S), region_vectors=0)
+    assert measured == analytic
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("layers", [[0], [0, 1]])
+def test_llama_matches_flop_counter(layers: list[int]) -> None:
+    pytest.importorskip("transformers")
+    batch = {"input_ids": token_batch(B, S)}
+    model = hf_model("llama")
+    enable_hf(model, use_reentrant=True)
+    for i, layer in enumerate(hf_layers(model)):
+        layer.gradient_checkpointing = i in layers
+    measured, analytic = counted(model, batch, region_vectors=len(layers) * LLAMA_VECTORS)
+    # transformers 4.57 also counts a rotary matmul outside the layers (0.002%, see test_flops.py)
+    assert measured == pytest.approx(analytic, rel=1e-4)
+    assert flop_breakdown(model, S, convention="palm").recompute == len(layers) * (
+        2 * (LLAMA_WEIGHTS + LLAMA_VECTORS) + LLAMA_ATTN_PALM
+    )
+    enable_hf(model, use_reentrant=False)  # transformers 5's default: early stop skips down_proj
+    for i, layer in enumerate(hf_layers(model)):
+        layer.gradient_checkpointing = i in layers
+    early = measure_flops(model, batch)
+    assert early == pytest.approx(analytic - len(layers) * 2 * LLAMA_DOWN * B * S, rel=1e-4)
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("model_type", ["gpt2", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_hf_families_match_flop_counter(model_type: str) -> None:
+    pytest.importorskip("transformers")
+    model = hf_model(model_type)
+    enable_hf(model, use_reentrant=True)
+    palm = flop_breakdown(model, S, convention="palm")
+    assert palm.recompute > 0
+    measured = measure_flops(model, {"input_ids": token_batch(B, S)})
+    # 1%: the layers' norm scales and biases (2 x vectors per token) are in the analytic count only
+    assert measured == pytest.approx((palm.hardware - palm.other) * B * S, rel=0.01)
+
+
+# --- selective and composable checkpointing -----------------------------------------------------
+
+
+def sac(ops: list[Any]) -> Any:
+    return functools.partial(create_selective_checkpoint_contexts, ops)
+
+
+@pytest.mark.parametrize(
+    ("ops", "saves", "rerun"),
+    [
+        ([aten.addmm.default], {"matmul"}, HAND_ATTN_PALM),  # every Linear has a bias: addmm
+        ([aten._scaled_dot_product_flash_attention_for_cpu.default], {"attention"}, 2 * HAND_WEIGHTS),
+        ([aten.gelu.default], set(), 2 * HAND_WEIGHTS + HAND_ATTN_PALM),  # no FLOP op kept
+    ],
+)
+def test_selective_op_lists_match_flop_counter(ops: list[Any], saves: set[str], rerun: int) -> None:
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0], context_fn=sac(ops), early_stop=False)
+    assert find_checkpointing(model).modules == (
+        Checkpointed("blocks.0", "checkpoint_wrapper", frozenset(saves)),
+    )
+    assert flop_breakdown(model, S, convention="palm").recompute == rerun + 2 * HAND_VECTORS
+    measured, analytic = counted(model, token_batch(B, S), region_vectors=HAND_VECTORS)
+    assert measured == analytic
+
+
+def test_selective_policy_function_is_opaque_and_said_once() -> None:
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op == aten.addmm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0], context_fn=sac(policy))  # type: ignore[arg-type]
+    with pytest.warns(MfumonWarning, match=r"'blocks.0'.*policy that is a function.*recompute=") as caught:
+        b = flop_breakdown(model, S)
+    assert len(caught) == 1 and b.recompute == 0 and b.hardware == b.total
+
+
+def test_op_list_keeping_only_some_matmuls_is_opaque() -> None:
+    model = dense_lm()
+    model.blocks[0].mlp[2] = nn.Linear(4 * d, d, bias=False)  # this block now runs both mm and addmm
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0], context_fn=sac([aten.mm.default]))
+    with pytest.warns(MfumonWarning, match="keeps only some matmuls"):
+        assert flop_breakdown(model, S).recompute == 0
+
+
+def test_composable_checkpoint_matches_flop_counter() -> None:
+    composable = pytest.importorskip("torch.distributed._composable")
+    model = dense_lm()
+    composable.checkpoint(model.blocks[1], context_fn=sac([aten.addmm.default]))
+    assert find_checkpointing(model).modules == (
+        Checkpointed("blocks.1", "composable", frozenset({"matmul"})),
+    )
+    # only the attention forward and the vectors re-run; no trailing matmul to skip
+    assert flop_breakdown(model, S, convention="palm").recompute == HAND_ATTN_PALM + 2 * HAND_VECTORS
+    measured, analytic = counted(model, token_batch(B, S), region_vectors=HAND_VECTORS)
+    assert measured == analytic
+
+
+# --- what cannot be seen ------------------------------------------------------------------------
+
+
+class CheckpointsInside(nn.Module):
+    """A model that calls torch.utils.checkpoint in its own forward: the regions are not visible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = dense_lm()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.lm.wte(idx) + self.lm.wpe(torch.arange(idx.shape[1]))
+        for block in self.lm.blocks:
+            x = checkpoint(block, x, use_reentrant=True)
+        return F.linear(self.lm.ln_f(x), self.lm.wte.weight)
+
+
+class OldStyleFlag(nn.Module):
+    """transformers' older convention: a `gradient_checkpointing` flag on the parent, no layer class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = dense_lm()
+        self.gradient_checkpointing = True
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm(idx)
+
+
+def test_checkpoint_inside_a_forward_is_said_once_and_given_by_modules() -> None:
+    model = CheckpointsInside()
+    with pytest.warns(
+        MfumonWarning, match=r"CheckpointsInside.forward.*torch.utils.checkpoint.checkpoint"
+    ) as w:
+        hidden = flop_breakdown(model, S, convention="palm")
+    assert len(w) == 1 and hidden.recompute == 0 and hidden.hardware == hidden.total  # HFU = MFU
+    given = flop_breakdown(model, S, convention="palm", recompute=list(model.lm.blocks))
+    assert given.recompute == 2 * (2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_PALM)
+    measured, analytic = counted(
+        model, token_batch(B, S), region_vectors=2 * HAND_VECTORS, recompute=set(model.lm.blocks)
+    )
+    assert measured == analytic
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert flop_breakdown(model, S, recompute="none").recompute == 0
+
+
+def test_old_style_flag_is_said() -> None:
+    with pytest.warns(MfumonWarning, match="gradient_checkpointing=True, applied inside its own forward"):
+        flop_breakdown(OldStyleFlag(), S)
+
+
+def test_fraction_of_the_forward() -> None:
+    model = dense_lm()
+    total = flop_breakdown(model, S).total
+    assert flop_breakdown(model, S, recompute=1.0).hardware == total + round(total / 3)  # 8N for 6N
+    assert flop_breakdown(model, S, recompute=0.25).recompute == round(0.25 * total / 3)
+    assert flop_breakdown(model, S, recompute=0).recompute == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "full", "AUTO"])
+def test_bad_recompute_values_name_the_choices(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"recompute must be 'auto', 'none', a fraction in \[0, 1\]"):
+        flop_breakdown(dense_lm(), S, recompute=bad)
+
+
+@pytest.mark.parametrize("bad", [True, object(), [1, 2]])
+def test_bad_recompute_kinds_name_the_choices(bad: object) -> None:
+    with pytest.raises(ConfigTypeError, match="recompute"):
+        flop_breakdown(dense_lm(), S, recompute=bad)
+
+
+def test_recompute_modules_must_belong_to_the_model() -> None:
+    with pytest.raises(ConfigError, match="submodules of the model"):
+        flop_breakdown(dense_lm(), S, recompute=[nn.Linear(2, 2)])
+    with pytest.raises(ConfigError, match="recompute"):
+        mfumon.Monitor(dense_lm(), seq_len=S, loggers=(), peak_tflops=1.0, recompute=2)
+
+
+# --- the monitor ----------------------------------------------------------------------------------
+
+
+def test_monitor_reports_hfu_above_mfu_by_hardware_over_total() -> None:
+    model = dense_lm()
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mfumon.monitor(model, seq_len=S, log_every=2, warmup=1, loggers=(), peak_tflops=1.0) as mon:
+        for step in range(5):
+            idx = token_batch(B, S + 1, seed=step)
+            logits = model(idx[:, :-1])
+            F.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=B * S)
+    b: FlopBreakdown = mon.breakdown
+    # each block re-runs 2 x (weights + vectors) + causal attention per token
+    assert b.recompute == 2 * (2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_CAUSAL)
+    m = mon.metrics
+    assert m[K.HFU] > m[K.MFU]
+    assert m[K.HFU] / m[K.MFU] == pytest.approx(b.hardware / b.total, rel=1e-9)
+    assert m[K.HW_TFLOPS_PER_DEVICE] / m[K.TFLOPS_PER_DEVICE] == pytest.approx(b.hardware / b.total, rel=1e-9)
+    summary = mon.summary()
+    assert summary["hw_flops_per_token"] == b.hardware and summary["flops_per_token"] == b.total
+    assert summary[K.HFU] / summary[K.MFU] == pytest.approx(b.hardware / b.total, rel=1e-9)

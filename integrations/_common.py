@@ -1,0 +1,378 @@
+"""What the Lightning and HF callbacks share: options, token counting, and the fault boundary.
+
+Framework-free: imports torch and mfumon only. The callbacks turn trainer hooks into four calls:
+`build` (first training batch), `micro` (each micro-batch), `step` (after each optimizer step)
+and `close` (end of training); `pause`/`resume` bracket evaluation and checkpointing.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
+from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
+from mfumon.monitor import DEFAULT_WARMUP, Monitor
+
+__all__ = ["CallbackCore", "CallbackOptions", "batch_tokens", "config_seq_len"]
+
+_log = logging.getLogger("mfumon")
+Tokens = int | torch.Tensor
+LoggerSpec = Iterable[str | Logger] | str | Logger | None
+
+NO_TOKENS_HINT = (
+    "pass MFUCallback(tokens_per_batch=<tokens in one training batch on one device>) "
+    "or MFUCallback(tokens_fn=<function: batch -> tokens>)"
+)
+
+
+def _optional_int(name: str, value: Any, what: str, *, minimum: int = 1) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum} ({what}), got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class CallbackOptions:
+    """The callbacks' arguments, checked at construction: a bad value raises at once."""
+
+    seq_len: int | None = None  # tokens per sequence; None: the first batch's input_ids.shape[-1]
+    tokens_per_batch: int | None = None  # tokens in one micro-batch on one device
+    tokens_fn: Callable[[Any], Tokens] | None = None  # micro-batch -> tokens (int or 0-d tensor)
+    log_every: int | None = None  # optimizer steps per window; None: the trainer's logging cadence
+    warmup: int = DEFAULT_WARMUP
+    peak_tflops: float | None = None
+    dtype: str | torch.dtype | None = None  # None: from the trainer's precision
+    loggers: tuple[str | Logger, ...] = ()  # extra mfumon loggers (the trainer's own always get the keys)
+    run_name: str | None = None
+    log_dir: str | os.PathLike[str] = "runs"
+    flops_per_token: int | None = None
+    causal: bool = True
+    convention: str = "mfumon"
+    measure_ceiling: bool = False
+
+    def __post_init__(self) -> None:
+        from mfumon import hardware
+        from mfumon.flops import CONVENTIONS
+
+        _optional_int("seq_len", self.seq_len, "tokens per sequence")
+        _optional_int("tokens_per_batch", self.tokens_per_batch, "tokens in one batch on one device")
+        _optional_int("log_every", self.log_every, "optimizer steps per log")
+        _optional_int("flops_per_token", self.flops_per_token, "training FLOPs per token")
+        if _optional_int("warmup", self.warmup, "steps excluded from averages", minimum=0) is None:
+            raise ConfigError("warmup must be an int >= 0 (steps excluded from averages), got None")
+        if self.tokens_fn is not None and not callable(self.tokens_fn):
+            raise ConfigTypeError(
+                f"tokens_fn must be a function batch -> tokens, got {type(self.tokens_fn).__name__}"
+            )
+        if self.tokens_fn is not None and self.tokens_per_batch is not None:
+            raise ConfigError("pass tokens_per_batch= or tokens_fn=, not both")
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"convention must be one of {list(CONVENTIONS)}, got {self.convention!r}")
+        if self.dtype is not None:
+            hardware.normalize_dtype(self.dtype)
+        hardware.peak_override_flops(self.peak_tflops)  # raises ConfigError naming peak_tflops
+        object.__setattr__(self, "loggers", tuple(validate_logger_spec(self.loggers)))
+
+
+def batch_tokens(batch: Any) -> tuple[Tokens, int] | None:
+    """Tokens in one micro-batch and its sequence length; None when the batch shows no tokens.
+
+    Found by structure: a mapping with a 2-D `attention_mask` (non-padding tokens, left on the
+    device: never synced here) or `input_ids` (all of them); else an integer (batch, seq)
+    tensor, alone or first in a tuple/list.
+    """
+    if isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+        mask = batch.get("attention_mask")
+        ids = ids if isinstance(ids, torch.Tensor) and ids.ndim >= 1 else None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and (ids is None or mask.shape == ids.shape):
+            return mask.sum(), int(mask.shape[-1])
+        if ids is not None:
+            return ids.numel(), int(ids.shape[-1])
+        return None
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if (
+        isinstance(batch, torch.Tensor)
+        and batch.ndim == 2
+        and not (batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool)
+    ):
+        return batch.numel(), int(batch.shape[-1])
+    return None
+
+
+def config_seq_len(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (`max_position_embeddings`/`n_positions`)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), 1
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` on every rank; one tiny all-reduce, called once per run at setup."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    backend = str(dist.get_backend())
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if "gloo" not in backend and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())  # host sync: once per run, at the first training batch
+
+
+class _Gate(Logger):
+    """The monitor's one logger on rank 0: fans out to the trainer's and the user's loggers while on."""
+
+    def __init__(self, core: CallbackCore, loggers: list[Logger]) -> None:
+        self._core = core
+        self._set = LoggerSet(loggers)
+
+    def _call(self, method: str, *args: Any) -> None:
+        if not self._core.off:
+            self._set.call(method, *args)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._call("log", metrics, step)
+
+    def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
+        self._call("log_warmup", metrics, step, warmup)
+
+    def log_run_info(self, info: Mapping[str, Any]) -> None:
+        self._call("log_run_info", info)
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        self._call("log_summary", summary)
+
+    def close(self) -> None:
+        self._set.call("close")
+
+
+class CallbackCore:
+    """One run's Monitor, built at the first training batch; switches off on any fault.
+
+    After a fault the monitor goes on marking optimizer steps (with 0 tokens) when there are
+    several ranks, so the once-per-log reduction stays matched across ranks, but nothing more
+    is logged; with one rank it is closed at once.
+    """
+
+    def __init__(self, options: CallbackOptions, owner: str) -> None:
+        self.options = options
+        self.owner = owner  # names the callback in messages
+        self.monitor: Monitor | None = None
+        self.off = False
+        self._world = 1
+        self._has_micro = False
+        self._closed = False
+
+    # -- setup ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget a previous run (a callback may serve a second fit/train)."""
+        self.close()
+        self.monitor = None
+        self.off = False
+        self._world = 1
+        self._has_micro = False
+        self._closed = False
+
+    def tokens(self, batch: Any) -> Tokens | None:
+        """Tokens of one micro-batch on this rank (a 0-d device tensor stays on the device)."""
+        opts = self.options
+        if opts.tokens_per_batch is not None:
+            return opts.tokens_per_batch
+        if opts.tokens_fn is not None:
+            return opts.tokens_fn(batch)
+        found = batch_tokens(batch)
+        return None if found is None else found[0]
+
+    def build(
+        self,
+        model: nn.Module,
+        batch: Any,
+        *,
+        log_every: int,
+        dtype: str | torch.dtype | None,
+        sink: Logger,
+        tokens_elsewhere: bool = False,
+    ) -> tuple[Monitor | None, Tokens | None]:
+        """Build and start this run's Monitor at the first batch; also return that batch's tokens.
+
+        The Monitor is None (and the core off, with one message) when it cannot be built.
+        `tokens_elsewhere`: the trainer counts tokens itself, so a batch that shows none is fine.
+        Every rank calls this at its first batch, and all ranks switch on or all stay off: a rank
+        that failed alone would leave the others waiting in the reduction.
+        """
+        problem: str | None = None
+        error: BaseException | None = None
+        monitor: Monitor | None = None
+        tokens: Tokens | None = None
+        try:
+            tokens = self.tokens(batch)
+            problem = self._find_problem(model, batch, tokens is not None or tokens_elsewhere)
+            if problem is None:
+                monitor = self._new_monitor(model, batch, log_every=log_every, dtype=dtype, sink=sink)
+        except Exception as exc:  # setup fault on this rank: every rank must learn of it
+            error = exc
+        everywhere = _all_ranks_agree(problem is None and error is None)  # every rank calls it
+        if monitor is None or not everywhere:
+            self.off = True
+            if monitor is not None:
+                monitor.close(_failed=True)  # no collective: some rank has no monitor
+            if problem is not None:
+                self._advise(problem)
+            elif error is not None:
+                self._report("setup", error)
+            return None, None
+        self.monitor = monitor.start()
+        self._world = _dist_rank_world()[1]
+        return monitor, tokens
+
+    def _find_problem(self, model: nn.Module, batch: Any, has_tokens: bool) -> str | None:
+        if not has_tokens:
+            return (
+                f"mfumon: {self.owner} cannot find the tokens of a training batch (it looks for a dict "
+                f"with 'input_ids'/'attention_mask', or an integer (batch, seq) tensor; got "
+                f"{type(batch).__name__}); {NO_TOKENS_HINT}. Training goes on without MFU."
+            )
+        if self._seq_len(model, batch) is None and self.options.flops_per_token is None:
+            return (
+                f"mfumon: {self.owner} cannot find the sequence length (no input_ids in the batch, no "
+                "max_position_embeddings in the model's config); pass MFUCallback(seq_len=<tokens per "
+                "sequence>). Training goes on without MFU."
+            )
+        return None
+
+    def _seq_len(self, model: nn.Module, batch: Any) -> int | None:
+        found = batch_tokens(batch)
+        return self.options.seq_len or (found[1] if found is not None else None) or config_seq_len(model)
+
+    def _new_monitor(
+        self, model: nn.Module, batch: Any, *, log_every: int, dtype: str | torch.dtype | None, sink: Logger
+    ) -> Monitor:
+        opts = self.options
+        run_name = opts.run_name
+        loggers: list[Logger] = []
+        if _dist_rank_world()[0] == 0:  # only rank 0 logs; other ranks build no backend (no W&B run)
+            if run_name is None:
+                import time
+
+                run_name = time.strftime("mfumon-%Y%m%d-%H%M%S")
+            loggers = [sink, *make_loggers(opts.loggers, run_name=run_name, log_dir=Path(opts.log_dir))]
+        return Monitor(
+            model,
+            seq_len=self._seq_len(model, batch),
+            log_every=opts.log_every or log_every,
+            warmup=opts.warmup,
+            loggers=(_Gate(self, loggers),),
+            peak_tflops=opts.peak_tflops,
+            dtype=opts.dtype if opts.dtype is not None else dtype,
+            run_name=run_name,
+            log_dir=opts.log_dir,
+            flops_per_token=opts.flops_per_token,
+            causal=opts.causal,
+            convention=opts.convention,
+            measure_ceiling=opts.measure_ceiling,
+        )
+
+    # -- per step ------------------------------------------------------------------------------
+    def micro(self, tokens: Tokens | None) -> None:
+        """Add one micro-batch's tokens from `tokens()` (no host sync; None counts 0)."""
+        if self.monitor is not None and not self.off:
+            self.monitor.micro_step(tokens=0 if tokens is None else tokens)
+            self._has_micro = True
+
+    def step(self, tokens: Tokens | None = None) -> None:
+        """Close one optimizer step (after the optimizer ran)."""
+        mon = self.monitor
+        if mon is None or self._closed:
+            return
+        if not self.off:
+            mon.step(tokens=tokens if tokens is not None or self._has_micro else 0)
+            self._has_micro = False
+        elif self._world > 1:
+            mon.step(tokens=0)  # keeps the reduction matched across ranks; nothing is logged
+
+    def pause(self) -> None:
+        """Exclude what follows (evaluation, checkpointing) from every step."""
+        if self.monitor is not None and not self.off:
+            self.monitor.pause()
+
+    def resume(self) -> None:
+        """Time again after `pause()` (no-op when not paused)."""
+        if self.monitor is not None and not self.off:
+            self.monitor.resume()
+
+    def close(self, *, failed: bool = False) -> None:
+        """Log the last window and the summary, close the loggers (idempotent)."""
+        if self.monitor is not None and not self._closed:
+            self._closed = True
+            self.monitor.close(_failed=failed)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran for this run's monitor."""
+        return self._closed
+
+    # -- faults --------------------------------------------------------------------------------
+    def fault(self, hook: str, exc: BaseException) -> None:
+        """A hook failed: report once, switch off, never raise into training."""
+        if self.off:
+            return
+        self.off = True
+        self._report(hook, exc)
+        if self._world <= 1:
+            try:
+                self.close(failed=True)
+            except Exception:  # already reporting a fault; loggers report their own
+                pass
+
+    def _report(self, hook: str, exc: BaseException) -> None:
+        _log.warning(
+            "mfumon: %s failed in %s (%s: %s); MFU is off for the rest of this run, training goes on",
+            self.owner,
+            hook,
+            type(exc).__name__,
+            exc,
+        )
+
+    def _advise(self, message: str) -> None:
+        """Setup advice as a MfumonWarning; logged instead if a warning filter turns it into an error."""
+        try:
+            warnings.warn(message, MfumonWarning, stacklevel=3)
+        except Exception:  # `-W error`: an exception here would stop the training run
+            _log.warning(message)
+
+
+def as_tuple(loggers: LoggerSpec) -> tuple[str | Logger, ...]:
+    """The `loggers=` argument as a tuple (None, one name or one Logger accepted)."""
+    if loggers is None:
+        return ()
+    if isinstance(loggers, (str, Logger)):
+        return (loggers,)
+    return tuple(loggers)

@@ -1,0 +1,235 @@
+"""Lightning callback: live MFU/HFU, TFLOP/s, tokens/s and step time, logged to the trainer's loggers.
+
+```python
+trainer = L.Trainer(callbacks=[MFUCallback()])
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from mfumon.integrations._common import CallbackCore, CallbackOptions, LoggerSpec, Tokens, as_tuple
+
+from mfumon.errors import MissingDependencyError
+from mfumon.loggers import Logger
+
+try:
+    from lightning.pytorch.callbacks import Callback as _Callback
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # raised at construction, with the pip command
+    _Callback = object  # type: ignore[assignment,misc]
+    _IMPORT_ERROR = str(exc)
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["MFUCallback"]
+
+_log = logging.getLogger("mfumon")
+
+DEFAULT_LOG_EVERY = 10  # when the trainer's log_every_n_steps is 0 (Lightning logging off)
+
+
+def precision_dtype(precision: str | int | None) -> str | None:
+    """The matmul dtype of a Lightning precision ("bf16-mixed" -> "bf16"); None for 32-bit or unknown.
+
+    32-bit precision returns None so the monitor reads torch's TF32 setting itself.
+    """
+    from mfumon.errors import ConfigError
+    from mfumon.hardware import normalize_dtype
+
+    if precision is None:
+        return None
+    try:
+        dtype = normalize_dtype(str(precision))
+    except ConfigError:
+        return None
+    return None if dtype == "fp32" else dtype
+
+
+def _steps_done(trainer: pl.Trainer) -> int:
+    """Batches that ended in an optimizer step so far: the step Lightning logs the next batch's metrics at."""
+    # Lightning's logger connector uses this counter (global_step counts each optimizer of a batch);
+    # it has no public name, so fall back to global_step.
+    step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+    return step if isinstance(step, int) else trainer.global_step
+
+
+class _TrainerLoggers(Logger):
+    """Sends each window to every `trainer.loggers` entry, at Lightning's own step (rank 0 only)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self._trainer = trainer
+        self._base = _steps_done(trainer)  # at the monitor's start
+        self._failed: set[int] = set()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        # mfumon's step k (1-based, since the monitor started) is the batch Lightning logs at base + k - 1
+        lightning_step = self._base + step - 1
+        for logger in self._trainer.loggers:
+            if id(logger) in self._failed:
+                continue
+            try:
+                logger.log_metrics(dict(metrics), step=lightning_step)
+            except Exception as exc:  # one broken logger must not silence the others
+                self._failed.add(id(logger))
+                _log.warning(
+                    "mfumon: Lightning logger %s raised in log_metrics (%s: %s); it gets no more mfumon "
+                    "metrics, training goes on",
+                    type(logger).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+
+
+class MFUCallback(_Callback):
+    """Lightning callback logging mfumon's metrics (`mfumon/mfu`, ...) to every logger of the Trainer.
+
+    It takes from the Trainer: the LightningModule (FLOPs per token), `trainer.precision`
+    (matmul dtype), optimizer steps (`trainer.global_step`, so gradient accumulation and the
+    optimizer's time fall inside one step), the world size (torch.distributed), and tokens per
+    micro-batch from the batch: `attention_mask.sum()` (non-padding tokens) or
+    `input_ids.numel()` of a dict batch, or an integer (batch, seq) tensor alone or first in a
+    tuple. The sequence length is the first batch's `input_ids.shape[-1]`. Validation,
+    checkpointing and epoch ends are not timed. It prints nothing unless `loggers=` asks.
+
+    Args:
+        seq_len: tokens per sequence, when the batch does not show it.
+        tokens_per_batch: tokens in one training batch on one device (instead of counting).
+        tokens_fn: function of the training batch returning its tokens (int or 0-d tensor).
+        log_every: optimizer steps per window (default: the Trainer's `log_every_n_steps`).
+        warmup: first optimizer steps left out of averages.
+        peak_tflops: per-device dense peak TFLOP/s, overriding the device table.
+        dtype: matmul dtype for the peak (default: from `trainer.precision`).
+        loggers: extra mfumon loggers ("stdout", "jsonl", "wandb", "tensorboard" or instances).
+        run_name, log_dir: where file loggers write.
+        flops_per_token, causal, convention, measure_ceiling: as for `mfumon.Monitor`.
+    """
+
+    def __init__(
+        self,
+        *,
+        seq_len: int | None = None,
+        tokens_per_batch: int | None = None,
+        tokens_fn: Callable[[Any], Tokens] | None = None,
+        log_every: int | None = None,
+        warmup: int = 5,
+        peak_tflops: float | None = None,
+        dtype: str | torch.dtype | None = None,
+        loggers: LoggerSpec = (),
+        run_name: str | None = None,
+        log_dir: str | os.PathLike[str] = "runs",
+        flops_per_token: int | None = None,
+        causal: bool = True,
+        convention: str = "mfumon",
+        measure_ceiling: bool = False,
+    ) -> None:
+        if _IMPORT_ERROR is not None:
+            raise MissingDependencyError(
+                "MFUCallback for Lightning needs lightning: pip install 'mfumon[lightning]'"
+            ) from None
+        super().__init__()
+        self.options = CallbackOptions(
+            seq_len=seq_len,
+            tokens_per_batch=tokens_per_batch,
+            tokens_fn=tokens_fn,
+            log_every=log_every,
+            warmup=warmup,
+            peak_tflops=peak_tflops,
+            dtype=dtype,
+            loggers=as_tuple(loggers),
+            run_name=run_name,
+            log_dir=log_dir,
+            flops_per_token=flops_per_token,
+            causal=causal,
+            convention=convention,
+            measure_ceiling=measure_ceiling,
+        )
+        self._core = CallbackCore(self.options, "MFUCallback (Lightning)")
+        self._seen_step = 0
+
+    @property
+    def monitor(self) -> Any:
+        """This run's `mfumon.Monitor` (None before the first training batch or when off)."""
+        return self._core.monitor
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            self._core.reset()
+            self._seen_step = trainer.global_step
+        except Exception as exc:  # a monitor must never stop a training run
+            self._core.fault("on_fit_start", exc)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        core = self._core
+        if core.off:
+            return
+        try:
+            if core.monitor is None:  # the first batch: every rank builds, or none does
+                built, tokens = core.build(
+                    pl_module,
+                    batch,
+                    log_every=getattr(trainer, "log_every_n_steps", 0) or DEFAULT_LOG_EVERY,
+                    dtype=precision_dtype(trainer.precision),
+                    sink=_TrainerLoggers(trainer),
+                )
+                if built is None:
+                    return
+                self._seen_step = trainer.global_step
+            else:
+                core.resume()  # after validation, a checkpoint or an epoch end
+                tokens = core.tokens(batch)
+            core.micro(tokens)
+        except Exception as exc:
+            core.fault("on_train_batch_start", exc)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        try:
+            step = trainer.global_step
+            if step != self._seen_step:  # the optimizer stepped: accumulation is over
+                self._seen_step = step
+                self._core.step()
+        except Exception as exc:
+            self._core.fault("on_train_batch_end", exc)
+
+    def _pause(self, hook: str) -> None:
+        try:
+            self._core.pause()
+        except Exception as exc:
+            self._core.fault(hook, exc)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause("on_validation_start")
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._pause("on_save_checkpoint")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause("on_train_epoch_end")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            self._core.close()
+        except Exception as exc:
+            self._core.fault("on_train_end", exc)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            self._core.close(failed=True)
+        except Exception as exc:
+            self._core.fault("on_exception", exc)

@@ -1,0 +1,80 @@
+"""The TensorBoard logger, read back from its event files with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mfumon
+from mfumon import metrics as K
+from mfumon.errors import MissingDependencyError
+from tests.conftest import train_step
+from tests.test_monitor import Recorder
+
+pytest.importorskip("tensorboard")
+
+
+def tb_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag under `path` as (step, value) pairs, read by TensorBoard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tb_texts(path: Path) -> dict[str, Any]:
+    """Text summaries under `path` (TensorBoard stores them as string tensors)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {
+        tag.removesuffix("/text_summary"): acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+        for tag in acc.Tags()["tensors"]
+    }
+
+
+def test_event_files_hold_every_window(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
+    rec = Recorder()
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=4,
+        warmup=2,
+        loggers=("tensorboard", rec),
+        peak_tflops=0.25,
+        run_name="tb",
+        log_dir=tmp_path,
+    ) as mon:
+        for _ in range(12):
+            mon.step(tokens=train_step(model, opt))
+    scalars = tb_scalars(tmp_path / "tb")
+    assert set(scalars) == set(rec.logs[-1][1])  # one tag per metric key
+    for key in (K.MFU, K.TOKENS_PER_S, K.STEP_TIME_MS, K.MFU_AVG):
+        assert [s for s, _ in scalars[key]] == [4, 8, 12]
+        # event files store float32
+        assert [v for _, v in scalars[key]] == pytest.approx([m[key] for _, m in rec.logs], rel=1e-6)
+    texts = tb_texts(tmp_path / "tb")
+    assert "| peak_tflops | 0.25 |" in texts["mfumon/run_info"]
+    assert "| device | cpu |" in texts["mfumon/run_info"]
+    assert f"| steps | {12 - 2} |" in texts["mfumon/summary"]
+    assert mon.summary()["steps"] == 10
+
+
+def test_missing_tensorboard_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    with pytest.raises(MissingDependencyError, match=r"pip install 'mfumon\[tensorboard\]'"):
+        mfumon.Monitor(flops_per_token=1, loggers=("tensorboard",), peak_tflops=1.0, log_dir=tmp_path)
+
+
+def test_a_path_that_is_a_file_fails_at_setup(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(OSError):
+        mfumon.Monitor(
+            flops_per_token=1, loggers=("tensorboard",), peak_tflops=1.0, run_name="taken", log_dir=tmp_path
+        )

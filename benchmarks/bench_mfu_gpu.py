@@ -82,8 +82,6 @@ def run(ckpt: bool, steps: int, batch: int, seq: int, tmp: str) -> dict:
         out["flop_counter_per_token"] = counted / seq
     except Exception as exc:  # report, keep the other numbers
         out["flop_counter_error"] = repr(exc)
-    del model, opt
-    torch.cuda.empty_cache()
     return out
 
 
@@ -96,6 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in (False, True):
             print(json.dumps(run(ckpt, args.steps, args.batch_size, args.seq_len, tmp)), flush=True)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

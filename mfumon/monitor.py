@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -100,8 +101,9 @@ class Monitor:
         causal: count attention with causal masking (default) or PaLM's full-matrix convention.
         convention: FLOP convention of `mfumon.flop_breakdown` ("mfumon", "6N", "palm", "chinchilla").
         recompute: what activation checkpointing re-runs, counted in HFU only: "auto" (found on the
-            model at setup: enable checkpointing before building the monitor), "none", a fraction in
-            [0, 1] of the model's forward FLOPs, or the checkpointed modules.
+            model at setup: enable checkpointing before building the monitor; then refined by
+            watching the first training step, see `mfumon.recompute.RecomputeProbe`), "none", a
+            fraction in [0, 1] of the model's forward FLOPs, or the checkpointed modules.
         device: device whose clock and peak are used (default: the model's).
         measure_ceiling: also time a large GEMM at start and log `mfumon/mfu_measured` against it.
     """
@@ -196,6 +198,16 @@ class Monitor:
         self._hook: Any = None
         if model is not None and not self._dtype_given:
             self._hook = model.register_forward_pre_hook(self._detect_autocast)
+        self._probe: Any = None  # watches the first step's backward for what checkpointing re-runs
+        self._causal, self._convention = causal, convention
+        if model is not None and isinstance(recompute, str) and recompute == "auto" and self.breakdown:
+            if self.breakdown.recompute:
+                try:
+                    from mfumon.recompute import RecomputeProbe
+
+                    self._probe = RecomputeProbe(model)
+                except Exception as exc:
+                    self._fault("recompute", exc)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> Monitor:
@@ -245,6 +257,9 @@ class Monitor:
         self._closed = True
         if self._hook is not None:
             self._hook.remove()
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
         # After an exception other ranks may not reach close(): skip the collective then.
         if self._started and not (_failed and self._world > 1):
             if self._step > self._logged_step or self._timer.pending or self._world > 1:
@@ -301,8 +316,32 @@ class Monitor:
                 self._timer.mark_step(self._step, tokens)
             except Exception as exc:  # a monitor must never stop a training run
                 self._fault("timing", exc)
+        if self._probe is not None:
+            self._refine_recompute()
         if self._step % self._log_every == 0:
             self._log()
+
+    def _refine_recompute(self) -> None:
+        """Once a backward has run: recompute FLOPs from what it re-ran (early stop included)."""
+        probe, model, seq_len = self._probe, self.model, self.seq_len
+        try:
+            observed = probe.result()
+            if observed is None and not probe.forward_seen:
+                return  # no training step through the checkpointed modules yet
+            if observed is None:  # they ran, but nothing re-ran where hooks see it (torch.compile)
+                _log.info("mfumon: no recompute seen in the backward pass; HFU keeps the structural count")
+            elif model is not None and seq_len is not None:
+                from mfumon.flops import flop_breakdown
+
+                refined = flop_breakdown(
+                    model, seq_len, causal=self._causal, convention=self._convention, recompute=observed
+                )
+                self.breakdown = replace(self.breakdown, recompute=refined.recompute)
+                self.hw_flops_per_token = int(self.breakdown.hardware)
+        except Exception as exc:  # keep the structural estimate
+            self._fault("recompute", exc)
+        probe.remove()
+        self._probe = None
 
     # -- log time ------------------------------------------------------------------------------
     def _log(self, *, final: bool = False) -> None:

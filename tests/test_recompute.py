@@ -3,16 +3,17 @@
 How a measured step converts to the analytic numbers:
   FlopCounterMode counts what the dispatcher runs, recompute included. As in test_flops.py, the
   attention kernels compute all s x s scores ("palm" convention) and no elementwise work is counted,
-  so `other` (6 x norm scales and biases) and its share of the recompute (2 x the checkpointed
-  regions' vectors) are left out:
-      measured == (palm.hardware - palm.other - 2 x region_vectors) x tokens.
-  mfumon counts each checkpointed module's whole forward once more. PyTorch's non-reentrant
-  checkpoint (the default of checkpoint_wrapper and of transformers 5) stops the recompute early,
-  after the last tensor the backward needs: ops at the end of the region whose output nothing saves
-  are not re-run. In a pre-norm layer ending in `x + down_proj(h)` that is the down projection, so
-  there the measured step is smaller by 2 x its weights per token per layer. Tests use
-  use_reentrant=True or early_stop=False for the exact match, and check the early-stop difference
-  on its own.
+  so `other` (6 x norm scales and biases) and its share of the recompute (2 x the re-run modules'
+  vectors) are left out:
+      measured == (palm.hardware - palm.other - 2 x rerun_vectors) x tokens.
+  The static count (flop_breakdown, recompute="auto") re-runs each checkpointed module's whole
+  forward. PyTorch's non-reentrant checkpoint (the default of checkpoint_wrapper and of
+  transformers 5) stops the recompute early, after the last tensor the backward needs: ops at the
+  end of a region whose output nothing saves are not re-run. In a pre-norm layer ending in
+  `x + down_proj(h)` that is the down projection, so there the static count is high by 2 x its
+  weights per token per layer; tests of the static count use use_reentrant=True or early_stop=False.
+  The Monitor watches the first training step (RecomputeProbe) and counts what actually re-ran:
+  those tests use the defaults, early stop on.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from mfumon import metrics as K
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
 from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
 from mfumon.params import count_params
-from mfumon.recompute import Checkpointed, CheckpointPlan, find_checkpointing
+from mfumon.recompute import (
+    Checkpointed,
+    CheckpointPlan,
+    ObservedRecompute,
+    find_checkpointing,
+    observe_recompute,
+)
+from tests.conftest import mfumon_records
 from tests.tiny_models import HIDDEN, VOCAB, Block, Expert, HandLM, hand_moe_lm, hf_model, token_batch
 
 d, V, S, B = HIDDEN, VOCAB, 16, 2  # hidden 64, vocabulary 128, 16 tokens per sequence, batch 2
@@ -48,6 +56,8 @@ HAND_WEIGHTS = d * 3 * d + d * d + 2 * d * 4 * d  # qkv 12288 + proj 4096 + MLP 
 HAND_VECTORS = 3 * d + d + 4 * d + d + 2 * 2 * d  # qkv, proj, fc1, fc2 biases; ln1, ln2: 832
 HAND_ATTN_PALM = 2 * 4 * (16 + 16) * S  # forward, 4 heads x (qk 16 + v 16) x 16 keys = 4096
 HAND_ATTN_CAUSAL = 2 * 4 * (16 + 16) * 136 // S  # 136 causal keys over 16 queries: 2176
+HAND_FC2 = 4 * d * d  # the block's last matmul (256 -> 64): 16384 weights, and d = 64 bias entries
+HAND_QKV = 3 * d * d  # 12288 weights, and 3 * d = 192 bias entries
 
 # Tiny Llama decoder layer (tests/tiny_models "llama"), per token:
 LLAMA_WEIGHTS = d * 64 + 2 * d * 32 + 64 * d + 3 * d * 96  # q, k, v (2 K/V heads x 16), o; MLP: 30720
@@ -372,24 +382,197 @@ def test_recompute_modules_must_belong_to_the_model() -> None:
         mfumon.Monitor(dense_lm(), seq_len=S, loggers=(), peak_tflops=1.0, recompute=2)
 
 
+# --- what re-runs, observed on the first step (defaults: non-reentrant, early stop on) -----------
+
+
+def monitored(model: nn.Module, inputs: Any) -> tuple[int, FlopBreakdown]:
+    """FlopCounterMode's count of one training step, and the breakdown of a Monitor that watched it."""
+    with mfumon.Monitor(model, seq_len=S, convention="palm", loggers=(), peak_tflops=1.0) as mon:
+        measured = measure_flops(model, inputs)  # forward + backward: the monitor's probe sees it
+        mon.step(tokens=B * S)
+    assert mon.hw_flops_per_token == mon.breakdown.hardware
+    return measured, mon.breakdown
+
+
+# A hand block checkpointed whole re-runs ln1, attention (qkv, scores, proj), ln2 and fc1, not fc2:
+# fc2's matmul saves its input, the last tensor the backward needs, so the recompute stops there.
+HAND_BLOCK_RERUN = 2 * (HAND_WEIGHTS - HAND_FC2) + 2 * (HAND_VECTORS - d) + HAND_ATTN_PALM  # 71168
+
+
+def hand_case(case: str) -> tuple[nn.Module, int, int]:
+    """A hand-written model checkpointed with defaults, its re-run FLOPs per token, the vectors in them."""
+    if case == "experts":  # each expert re-runs `up`; its `down` ends the region (the routing-weight
+        model = hand_moe_lm(num_experts=4, top_k=2, f=32)  # multiply that saves it is outside)
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Expert))
+        return model, 2 * 4 * (d * 32) * 2 // 4, 0  # 2 x four up projections x top_k/E = 2/4: 8192
+    model = dense_lm()
+    block = model.blocks[0]
+    if case == "block 0":
+        model.blocks[0] = checkpoint_wrapper(block)
+        return model, HAND_BLOCK_RERUN, HAND_VECTORS - d
+    if case == "both blocks":
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+        return model, 2 * HAND_BLOCK_RERUN, 2 * (HAND_VECTORS - d)
+    if case == "attention only":  # qkv and the scores re-run; proj's input is the last saved tensor
+        block.attn = checkpoint_wrapper(block.attn)
+        return model, 2 * (HAND_QKV + 3 * d) + HAND_ATTN_PALM, 3 * d  # 2 x 12480 + 4096 = 29056
+    if case == "nested, early_stop=False":  # the block once, its MLP twice (outer recompute, then its own)
+        block.mlp = checkpoint_wrapper(block.mlp, early_stop=False)
+        model.blocks[0] = checkpoint_wrapper(block, early_stop=False)
+        mlp = 2 * HAND_FC2 + 4 * d + d  # fc1 and fc2 weights, their biases: 33088
+        return model, 2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_PALM + 2 * mlp, HAND_VECTORS + 5 * d
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["block 0", "both blocks", "attention only", "experts", "nested, early_stop=False"]
+)
+def test_monitor_counts_what_the_first_step_re_ran(case: str) -> None:
+    model, rerun, vectors = hand_case(case)
+    measured, b = monitored(model, token_batch(B, S))
+    assert b.recompute == rerun
+    assert measured == (b.hardware - b.other - 2 * vectors) * B * S
+
+
+def default_checkpointing(model: nn.Module) -> bool:
+    """Checkpointing turned on with no arguments (the new name on 5.x); True where that means early stop."""
+    import transformers
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    return int(transformers.__version__.split(".")[0]) >= 5  # 4.57 defaults to use_reentrant=True
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("layers", [[0], [0, 1]])
+def test_monitor_counts_llama_with_default_checkpointing(layers: list[int]) -> None:
+    pytest.importorskip("transformers")
+    model = hf_model("llama")
+    early = default_checkpointing(model)
+    for i, layer in enumerate(hf_layers(model)):
+        layer.gradient_checkpointing = i in layers
+    static = flop_breakdown(model, S, convention="palm")  # each layer's whole forward
+    measured, b = monitored(model, {"input_ids": token_batch(B, S)})
+    # with early stop each layer re-runs its norms, attention, gate and up projections, not down_proj
+    skipped = 2 * LLAMA_DOWN if early else 0
+    assert b.recompute == len(layers) * (2 * (LLAMA_WEIGHTS + LLAMA_VECTORS) + LLAMA_ATTN_PALM - skipped)
+    assert static.recompute - b.recompute == len(layers) * skipped
+    # transformers 4.57 also counts a rotary matmul outside the layers (0.002%, see test_flops.py)
+    assert measured == pytest.approx(
+        (b.hardware - b.other - 2 * len(layers) * LLAMA_VECTORS) * B * S, rel=1e-4
+    )
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize(
+    ("model_type", "skipped"),
+    [
+        ("gpt2", 0),  # each layer ends in dropout, whose mask is saved after the last matmul
+        ("mixtral", 0),  # the experts' outputs are scaled by the routing weights, which saves them
+        ("qwen3_moe", 0),
+        # dense layer 0 skips its down_proj (96 x 64), the two MoE layers their shared expert's (32 x 64)
+        ("deepseek_v3", 2 * (96 * d + 2 * 32 * d)),
+    ],
+)
+def test_monitor_counts_hf_families_with_default_checkpointing(model_type: str, skipped: int) -> None:
+    pytest.importorskip("transformers")
+    model = hf_model(model_type)
+    early = default_checkpointing(model)
+    static = flop_breakdown(model, S, convention="palm")
+    measured, b = monitored(model, {"input_ids": token_batch(B, S)})
+    assert static.recompute - b.recompute == (skipped if early else 0)
+    # 1%: the layers' norm scales and biases (2 x vectors per token) are in the analytic count only
+    assert measured == pytest.approx((b.hardware - b.other) * B * S, rel=0.01)
+
+
+def test_reentrant_checkpoint_is_seen_re_running_the_whole_forward() -> None:
+    model = dense_lm()
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT),
+        check_fn=lambda m: isinstance(m, Block),
+    )
+    idx = token_batch(B, S)
+    observed = observe_recompute(model, lambda: model(idx).sum().backward())
+    # each block: 2 x (weights + vectors) + causal attention forward, as the static count says
+    full = 2 * (2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_CAUSAL)
+    assert (
+        flop_breakdown(model, S, recompute=observed).recompute == flop_breakdown(model, S).recompute == full
+    )
+
+
+@pytest.mark.transformers
+def test_reentrant_llama_is_seen_re_running_the_whole_forward() -> None:
+    pytest.importorskip("transformers")
+    model = hf_model("llama")
+    enable_hf(model, use_reentrant=True)
+    batch = {"input_ids": token_batch(B, S)}
+    observed = observe_recompute(model, lambda: model(**batch).logits.sum().backward())
+    full = 2 * (2 * (LLAMA_WEIGHTS + LLAMA_VECTORS) + 2 * 4 * (16 + 16) * 136 // S)  # causal attention
+    assert (
+        flop_breakdown(model, S, recompute=observed).recompute == flop_breakdown(model, S).recompute == full
+    )
+
+
+def test_probe_counts_per_training_forward() -> None:
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    idx = token_batch(B, S)
+
+    def step() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(idx)  # evaluation: no checkpoint, nothing re-runs
+        model.train()
+        with torch.no_grad():
+            model(idx)  # no grad: no backward
+        for _ in range(3):  # gradient accumulation: three forwards, three backwards
+            model(idx).sum().backward()
+
+    observed = observe_recompute(model, step)
+    assert flop_breakdown(model, S, convention="palm", recompute=observed).recompute == HAND_BLOCK_RERUN
+
+
+def test_observe_recompute_needs_a_training_step() -> None:
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    idx = token_batch(B, S)
+    with pytest.raises(ConfigTypeError, match="step_fn"):
+        observe_recompute(model, "step")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no backward pass"):
+        observe_recompute(model, lambda: model(idx))
+    plain = dense_lm()
+    assert observe_recompute(plain, lambda: plain(idx).sum().backward()) == ObservedRecompute(())
+    observed = observe_recompute(model, lambda: model(idx).sum().backward())
+    with pytest.raises(ConfigError, match="another model"):
+        flop_breakdown(plain, S, recompute=observed)
+
+
 # --- the monitor ----------------------------------------------------------------------------------
+
+
+def train(model: nn.Module, mon: mfumon.Monitor, steps: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(steps):
+        idx = token_batch(B, S + 1, seed=step)
+        logits = model(idx[:, :-1])
+        F.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step(tokens=B * S)
 
 
 def test_monitor_reports_hfu_above_mfu_by_hardware_over_total() -> None:
     model = dense_lm()
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))  # early stop on
+    static = flop_breakdown(model, S)
     with mfumon.monitor(model, seq_len=S, log_every=2, warmup=1, loggers=(), peak_tflops=1.0) as mon:
-        for step in range(5):
-            idx = token_batch(B, S + 1, seed=step)
-            logits = model(idx[:, :-1])
-            F.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1)).backward()
-            opt.step()
-            opt.zero_grad()
-            mon.step(tokens=B * S)
+        train(model, mon, steps=5)
     b: FlopBreakdown = mon.breakdown
-    # each block re-runs 2 x (weights + vectors) + causal attention per token
-    assert b.recompute == 2 * (2 * (HAND_WEIGHTS + HAND_VECTORS) + HAND_ATTN_CAUSAL)
+    # each block re-runs all but fc2: 2 x (weights + vectors, less fc2's) + causal attention per token
+    assert b.recompute == 2 * (2 * (HAND_WEIGHTS - HAND_FC2 + HAND_VECTORS - d) + HAND_ATTN_CAUSAL)
+    assert static.recompute - b.recompute == 2 * 2 * (HAND_FC2 + d)  # the setup count, refined
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # probe gone
     m = mon.metrics
     assert m[K.HFU] > m[K.MFU]
     assert m[K.HFU] / m[K.MFU] == pytest.approx(b.hardware / b.total, rel=1e-9)
@@ -397,3 +580,18 @@ def test_monitor_reports_hfu_above_mfu_by_hardware_over_total() -> None:
     summary = mon.summary()
     assert summary["hw_flops_per_token"] == b.hardware and summary["flops_per_token"] == b.total
     assert summary[K.HFU] / summary[K.MFU] == pytest.approx(b.hardware / b.total, rel=1e-9)
+
+
+def test_monitor_keeps_the_setup_count_when_the_observation_fails(
+    mfumon_log: pytest.LogCaptureFixture,
+) -> None:
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    with mfumon.monitor(model, seq_len=S, log_every=2, warmup=1, loggers=(), peak_tflops=1.0) as mon:
+        static = mon.breakdown
+        model.blocks[0] = nn.Sequential(model.blocks[0])  # moved after setup: the probe's paths are gone
+        train(model, mon, steps=3)
+    records = mfumon_records(mfumon_log)
+    assert len(records) == 1 and "recompute fault" in records[0].getMessage()
+    assert mon.breakdown == static and mon.hw_flops_per_token == static.hardware
+    assert mon.metrics[K.HFU] / mon.metrics[K.MFU] == pytest.approx(static.hardware / static.total, rel=1e-9)

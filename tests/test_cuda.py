@@ -24,13 +24,17 @@ _CYCLES: list[float] = []
 
 
 def _cycles_per_s() -> float:
+    """GPU clock cycles per second of `torch.cuda._sleep`, measured once the clocks have ramped up."""
     if not _CYCLES:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(10_000_000)
-        end.record()
-        end.synchronize()
-        _CYCLES.append(10_000_000 / (start.elapsed_time(end) / 1e3))
+        rates = []
+        for _ in range(3):  # the first runs on a cold GPU are at a lower clock: keep the last
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(100_000_000)
+            end.record()
+            end.synchronize()
+            rates.append(100_000_000 / (start.elapsed_time(end) / 1e3))
+        _CYCLES.append(rates[-1])
     return _CYCLES[0]
 
 

@@ -162,9 +162,9 @@ def test_lightning_fsdp_activation_checkpointing_policy_is_found() -> None:
 
 @pytest.mark.transformers
 def test_hf_selective_kwargs_and_every_n_layers() -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     model = hf_model("llama", num_hidden_layers=4)
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; not in 4.57 or 5.17
         model.activation_checkpointing_enable(every_n_layers=2)
         assert [c.path for c in find_checkpointing(model).modules] == ["model.layers.0", "model.layers.2"]
     enable_hf(model, use_reentrant=False, context_fn=sac([aten.mm.default]))  # Llama has no biases

@@ -243,7 +243,7 @@ class CallbackCore:
         if monitor is None or not everywhere:
             self.off = True
             if monitor is not None:
-                monitor.close(_failed=True)  # no collective: some rank has no monitor
+                monitor.close(failed=True)  # no collective: some rank has no monitor
             if problem is not None:
                 self._advise(problem)
             elif error is not None:
@@ -332,7 +332,7 @@ class CallbackCore:
         """Log the last window and the summary, close the loggers (idempotent)."""
         if self.monitor is not None and not self._closed:
             self._closed = True
-            self.monitor.close(_failed=failed)
+            self.monitor.close(failed=failed)
 
     @property
     def closed(self) -> bool:

@@ -248,10 +248,15 @@ class Monitor:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close(_failed=exc_type is not None)
+        self.close(failed=exc_type is not None)
 
-    def close(self, *, _failed: bool = False) -> None:
-        """Log the last partial window, write the summary and close the loggers (idempotent)."""
+    def close(self, *, failed: bool = False) -> None:
+        """Log the last partial window, write the summary and close the loggers (idempotent).
+
+        Args:
+            failed: the run is ending on an exception. Other ranks may never reach `close()`, so
+                under torch.distributed the final cross-rank reduction is skipped.
+        """
         if self._closed:
             return
         self._closed = True
@@ -261,9 +266,11 @@ class Monitor:
             self._probe.remove()
             self._probe = None
         # After an exception other ranks may not reach close(): skip the collective then.
-        if self._started and not (_failed and self._world > 1):
+        if self._started and not (failed and self._world > 1):
             if self._step > self._logged_step or self._timer.pending or self._world > 1:
-                self._log(final=True)
+                # Steps carried over from the last log (unfinished on the GPU then) join the totals
+                # but get no second window at the same step.
+                self._log(final=True, emit=self._step > self._logged_step)
         self._loggers.call("log_summary", self.summary())
         self._loggers.call("close")
 
@@ -344,7 +351,7 @@ class Monitor:
         self._probe = None
 
     # -- log time ------------------------------------------------------------------------------
-    def _log(self, *, final: bool = False) -> None:
+    def _log(self, *, final: bool = False, emit: bool = True) -> None:
         warm, meas = EMPTY_WINDOW, EMPTY_WINDOW
         try:
             warm, meas = self._local_windows(self._timer.resolve(wait=final))
@@ -353,7 +360,7 @@ class Monitor:
         warm, meas = self._reduce(warm, meas)  # every rank reaches this at the same step
         self._logged_step = self._step
         try:
-            self._emit(warm, meas)
+            self._emit(warm, meas, emit=emit)
         except Exception as exc:
             self._fault("metrics", exc)
 
@@ -397,7 +404,10 @@ class Monitor:
             self._fault("distributed", exc)
             return EMPTY_WINDOW, EMPTY_WINDOW
 
-    def _emit(self, warm: Window, meas: Window) -> None:
+    def _emit(self, warm: Window, meas: Window, *, emit: bool = True) -> None:
+        if not emit:
+            self._total += meas
+            return
         if not self._run_info_sent and (meas.steps or warm.steps):
             self._run_info_sent = True
             self._loggers.call("log_run_info", self.run_info())

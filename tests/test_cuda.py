@@ -58,8 +58,11 @@ def test_step_never_syncs_the_host_and_times_the_device() -> None:
 
 
 def test_log_reads_only_finished_steps_and_does_not_wait() -> None:
+    from tests.test_monitor import Recorder
+
+    rec = Recorder()
     mon = mfumon.Monitor(
-        flops_per_token=FPT, peak_tflops=100.0, device="cuda", loggers=(), log_every=4, warmup=0
+        flops_per_token=FPT, peak_tflops=100.0, device="cuda", loggers=(rec,), log_every=4, warmup=0
     )
     mon.start()
     torch.cuda.synchronize()
@@ -71,5 +74,7 @@ def test_log_reads_only_finished_steps_and_does_not_wait() -> None:
     assert host_s < 0.2  # the logs at steps 4 and 8 did not wait for 400 ms of queued work
     assert mon._timer.pending > 0  # unfinished steps carried over
     mon.close()  # resolves everything, once
-    assert mon.summary()["steps"] == 8
+    assert mon.summary()["steps"] == 8 and rec.summary is not None and rec.summary["steps"] == 8
+    # steps carried over past the last log join the totals, not a second window at step 8
+    assert [step for step, _ in rec.logs] == sorted({step for step, _ in rec.logs})
     assert mon.summary()[K.STEP_TIME_MS] == pytest.approx(50.0, rel=0.15)

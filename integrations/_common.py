@@ -61,10 +61,12 @@ class CallbackOptions:
     causal: bool = True
     convention: str = "mfumon"
     measure_ceiling: bool = False
+    recompute: Any = "auto"  # activation-checkpointing recompute for HFU, as for mfumon.Monitor
 
     def __post_init__(self) -> None:
         from mfumon import hardware
         from mfumon.flops import CONVENTIONS
+        from mfumon.recompute import check_recompute
 
         _optional_int("seq_len", self.seq_len, "tokens per sequence")
         _optional_int("tokens_per_batch", self.tokens_per_batch, "tokens in one batch on one device")
@@ -83,6 +85,7 @@ class CallbackOptions:
         if self.dtype is not None:
             hardware.normalize_dtype(self.dtype)
         hardware.peak_override_flops(self.peak_tflops)  # raises ConfigError naming peak_tflops
+        check_recompute(self.recompute)  # raises ConfigError naming the choices
         object.__setattr__(self, "loggers", tuple(validate_logger_spec(self.loggers)))
 
 
@@ -298,6 +301,7 @@ class CallbackCore:
             causal=opts.causal,
             convention=opts.convention,
             measure_ceiling=opts.measure_ceiling,
+            recompute=opts.recompute,
         )
 
     # -- per step ------------------------------------------------------------------------------

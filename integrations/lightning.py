@@ -109,7 +109,7 @@ class MFUCallback(_Callback):
         dtype: matmul dtype for the peak (default: from `trainer.precision`).
         loggers: extra mfumon loggers ("stdout", "jsonl", "wandb", "tensorboard" or instances).
         run_name, log_dir: where file loggers write.
-        flops_per_token, causal, convention, measure_ceiling: as for `mfumon.Monitor`.
+        flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.
     """
 
     def __init__(
@@ -129,6 +129,7 @@ class MFUCallback(_Callback):
         causal: bool = True,
         convention: str = "mfumon",
         measure_ceiling: bool = False,
+        recompute: Any = "auto",
     ) -> None:
         if _IMPORT_ERROR is not None:
             raise MissingDependencyError(
@@ -150,6 +151,7 @@ class MFUCallback(_Callback):
             causal=causal,
             convention=convention,
             measure_ceiling=measure_ceiling,
+            recompute=recompute,
         )
         self._core = CallbackCore(self.options, "MFUCallback (Lightning)")
         self._seen_step = 0

@@ -114,7 +114,7 @@ class MFUCallback(_Callback):
         dtype: matmul dtype for the peak (default: from `args.bf16`/`fp16`/`tf32`, else the model).
         loggers: extra mfumon loggers ("stdout", "jsonl", "wandb", "tensorboard" or instances).
         run_name, log_dir: where file loggers write.
-        flops_per_token, causal, convention, measure_ceiling: as for `mfumon.Monitor`.
+        flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.
     """
 
     def __init__(
@@ -134,6 +134,7 @@ class MFUCallback(_Callback):
         causal: bool = True,
         convention: str = "mfumon",
         measure_ceiling: bool = False,
+        recompute: Any = "auto",
     ) -> None:
         if _MISSING:
             raise MissingDependencyError(
@@ -154,6 +155,7 @@ class MFUCallback(_Callback):
             causal=causal,
             convention=convention,
             measure_ceiling=measure_ceiling,
+            recompute=recompute,
         )
         self._core = CallbackCore(self.options, "MFUCallback (transformers)")
         self._pending = _Pending()

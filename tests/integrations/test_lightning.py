@@ -263,6 +263,8 @@ def test_internal_fault_is_reported_once_and_fit_goes_on(tmp_path: Path, mfumon_
         (dict(dtype="fp99"), ConfigError, "dtype"),
         (dict(peak_tflops=-1.0), ConfigError, "peak_tflops"),
         (dict(convention="7N"), ConfigError, "convention"),
+        (dict(recompute=1.5), ConfigError, "recompute"),
+        (dict(recompute="sometimes"), ConfigError, "auto"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], error: type, match: str) -> None:

@@ -154,7 +154,7 @@ def test_train_with_accumulation_and_evaluation(tmp_path: Path, report_dirs: Pat
     trainer.train()
     import wandb
 
-    wandb.finish()  # the Trainer leaves its W&B run open; finishing flushes the offline file
+    wandb.finish()  # the Trainer leaves its W&B run open
     assert trainer.state.global_step == steps
 
     tokens_per_step = accumulate * BATCH * (SEQ - PAD)  # 2 micro-batches x 4 rows x 24 non-padding = 192
@@ -281,6 +281,8 @@ def test_bad_arguments_raise_at_construction() -> None:
         MFUCallback(log_every=0)
     with pytest.raises(ConfigError, match="tokens_per_batch"):
         MFUCallback(tokens_per_batch=0)
+    with pytest.raises(ConfigError, match="recompute"):
+        MFUCallback(recompute=-0.5)
 
 
 def test_missing_transformers_names_the_extra() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,34 +20,45 @@ from tests.test_monitor import Recorder
 
 pytest.importorskip("wandb")
 
-BLOCK = 32768  # the .wandb file is a LevelDB log: 32 KiB blocks of records with 7-byte headers
-HEADER = 7  # crc32 (4), length (2), type (1); the file opens with its own 7-byte header
+# The .wandb file is a LevelDB log (wandb core/pkg/leveldb/record.go): a 7-byte file header
+# (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte header:
+# crc32 of type+payload (4), payload length (2), type (1). A record longer than what is left of
+# a block goes out as FIRST, MIDDLE..., LAST chunks; a block tail too short for a chunk header is
+# zero-filled. The writer keeps the current block in memory and writes it only when the block
+# fills or when the run's stream closes in the wandb service.
+BLOCK, HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def wandb_records(path: Path) -> list[Any]:
-    """Every record of a .wandb file, as `wandb_internal_pb2.Record` messages."""
+    """Every record of a complete .wandb file, as `wandb_internal_pb2.Record` messages."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a .wandb file"
-    pos, chunk, out = HEADER, b"", []
-    while pos + HEADER <= len(data):
+    assert data[:HEADER] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0), "not a .wandb file"
+    pos, pieces, out = HEADER, None, []
+    while pos < len(data):
         left = BLOCK - pos % BLOCK
-        if left < HEADER:  # block trailer
+        if left < HEADER:  # zero-filled block tail
+            assert not any(data[pos : pos + left]), f"non-zero block tail at {pos}"
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        pos += HEADER
-        if kind == 0:  # zero padding up to the next block
-            pos += left - HEADER
-            continue
-        chunk += data[pos : pos + length]
-        pos += length
-        if kind in (1, 4):  # FULL, or LAST piece of a record split over blocks
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            out.append(record)
-            chunk = b""
+        at = pos
+        crc, length, kind = struct.unpack_from("<IHB", data, at)
+        payload = data[at + HEADER : at + HEADER + length]
+        assert HEADER + length <= left and len(payload) == length, f"chunk at {at} overruns"
+        assert crc == zlib.crc32(payload, zlib.crc32(bytes([kind]))), f"bad checksum at {at}"
+        pos += HEADER + length
+        if kind in (FULL, FIRST):
+            assert pieces is None, f"record at {at} starts inside another"
+            pieces = []
+        else:
+            assert kind in (MIDDLE, LAST) and pieces is not None, f"stray chunk type {kind} at {at}"
+        pieces.append(payload)
+        if kind in (FULL, LAST):
+            out.append(pb.Record.FromString(b"".join(pieces)))
+            pieces = None
+    assert pieces is None, "the file ends inside a record"
     return out
 
 
@@ -55,13 +67,23 @@ def _key(item: Any) -> str:
 
 
 def wandb_run(root: Path) -> dict[str, Any]:
-    """History rows, final config and final summary of the one offline run under `root`."""
+    """History rows, final config and final summary of the one finished offline run under `root`.
+
+    Tears wandb down first: `run.finish()` only asks the service to close the run's stream (which
+    writes the file's last block) and returns; teardown waits for the service to exit, and the
+    service handles that request before the teardown.
+    """
+    import wandb
+
+    wandb.teardown()
     files = sorted(root.rglob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
+    records = wandb_records(files[0])
+    assert "exit" in [r.WhichOneof("record_type") for r in records], "the run was not finished"
     history: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
     summary: dict[str, Any] = {}
-    for rec in wandb_records(files[0]):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
@@ -83,6 +105,21 @@ def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield tmp_path
     wandb.teardown()
+
+
+def test_reader_joins_records_split_over_blocks(wandb_dir: Path) -> None:
+    import wandb
+
+    run = wandb.init(project="blocks", dir=wandb_dir)
+    for i in range(300):
+        run.log({"i": i}, step=i)
+    text = "".join(chr(ord("a") + i % 26) for i in range(2 * BLOCK))  # one row over three blocks
+    run.log({"text": text}, step=300)
+    run.finish()
+    data = wandb_run(wandb_dir)
+    assert (data["dir"] / f"run-{run.id}.wandb").stat().st_size > 2 * BLOCK
+    assert [r["i"] for r in data["history"] if "i" in r] == list(range(300))
+    assert [r["text"] for r in data["history"] if "text" in r] == [text]
 
 
 def test_offline_run_holds_every_window_and_the_run_facts(tiny, wandb_dir: Path) -> None:

@@ -51,6 +51,8 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied, as in GPT-2
+        for emb in (self.tok, self.pos):
+            nn.init.normal_(emb.weight, std=0.02)  # GPT-2's init: small logits at step 0
         self.register_buffer(
             "mask", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False
         )

@@ -404,7 +404,7 @@ def resolve_peak(
     hint = f"pass peak_tflops=<dense {canonical} TFLOP/s per device> or set {ENV_PEAK_TFLOPS}"
     if ident.name is None:
         if ident.problem is None:
-            message = f"mfumon: device {device!r} is not a GPU, so no peak and no MFU; {hint}"
+            message = f"mfumon: device {str(device)!r} is not a GPU, so no peak and no MFU; {hint}"
         else:
             message = f"mfumon: could not name device {device!r}: {ident.problem}; no MFU; {hint}"
         warnings.warn(message, MfumonWarning, stacklevel=stacklevel)

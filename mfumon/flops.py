@@ -328,7 +328,7 @@ def _check_docs(doc_lengths: Iterable[int] | None, seq_len: int) -> list[int]:
     if doc_lengths is None:
         return [seq_len]
     if isinstance(doc_lengths, torch.Tensor):
-        doc_lengths = doc_lengths.tolist()
+        doc_lengths = doc_lengths.tolist()  # host sync: once per call, outside the training loop
     docs = list(doc_lengths)
     bad = [n for n in docs if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= seq_len]
     if not docs or bad:

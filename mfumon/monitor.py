@@ -55,7 +55,7 @@ def _check_tokens(tokens: Any, name: str = "tokens") -> Tokens:
             )
         return tokens
     if isinstance(tokens, bool) or not isinstance(tokens, numbers.Real):
-        raise ConfigError(f"{name} must be a whole number of tokens (int or 0-d tensor), got {tokens!r}")
+        raise ConfigTypeError(f"{name} must be a whole number of tokens (int or 0-d tensor), got {tokens!r}")
     if not math.isfinite(tokens) or tokens < 0 or float(tokens) != int(tokens):
         raise ConfigError(
             f"{name} must be a whole number >= 0 (tokens processed in this step), got {tokens!r}"
@@ -177,10 +177,12 @@ class Monitor:
         self.rank = _rank()
         self.run_name = run_name or time.strftime("mfumon-%Y%m%d-%H%M%S")
         self.log_dir = Path(log_dir)
-        built = (
-            make_loggers(logger_spec, run_name=self.run_name, log_dir=self.log_dir) if self.rank == 0 else []
-        )
-        self._loggers = LoggerSet(built)
+        self._logger_spec = logger_spec
+        self._loggers = LoggerSet([])
+        self._loggers_built = False
+        dist = torch.distributed
+        if (dist.is_available() and dist.is_initialized()) or "RANK" in os.environ:
+            self._build_loggers()  # the rank is known: file and W&B setup errors surface here
 
         self._timer = StepTimer(self.device)
         self._world = 1
@@ -210,8 +212,19 @@ class Monitor:
                     self._fault("recompute", exc)
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def _build_loggers(self) -> None:
+        """Build the loggers, on rank 0 only."""
+        self._loggers_built = True
+        if self.rank == 0:
+            self._loggers = LoggerSet(
+                make_loggers(self._logger_spec, run_name=self.run_name, log_dir=self.log_dir)
+            )
+
     def start(self) -> Monitor:
-        """Start timing; joins the process group's reduction when torch.distributed is initialized."""
+        """Start timing; joins the process group's reduction when torch.distributed is initialized.
+
+        Collective under torch.distributed: call it on every rank (the `with` block does).
+        """
         if self._started:
             return self
         self._started = True
@@ -220,6 +233,8 @@ class Monitor:
             self._world = dist.get_world_size()
             self.rank = dist.get_rank()
             self._group = self._make_group()
+        if not self._loggers_built:  # built here when the rank was not known at construction
+            self._build_loggers()
         if self._measure_ceiling and self.device.type == "cuda":
             try:
                 from mfumon import hardware
@@ -315,8 +330,11 @@ class Monitor:
             )
         self._micro = None
         if not self._started:  # Monitor used without start(): this first step only starts the clock
-            self.start()
             self._step += 1
+            try:
+                self.start()
+            except Exception as exc:  # a monitor must never stop a training run
+                self._fault("start", exc)
         else:
             self._step += 1
             try:
@@ -353,11 +371,13 @@ class Monitor:
     # -- log time ------------------------------------------------------------------------------
     def _log(self, *, final: bool = False, emit: bool = True) -> None:
         warm, meas = EMPTY_WINDOW, EMPTY_WINDOW
+        # Every rank reaches each collective below at the same step, whatever fails locally.
+        upto = self._agree_finished_step() if self._world > 1 and not final else None
         try:
-            warm, meas = self._local_windows(self._timer.resolve(wait=final))
+            warm, meas = self._local_windows(self._timer.resolve(wait=final, upto=upto))
         except Exception as exc:
             self._fault("timing", exc)
-        warm, meas = self._reduce(warm, meas)  # every rank reaches this at the same step
+        warm, meas = self._reduce(warm, meas)
         self._logged_step = self._step
         try:
             self._emit(warm, meas, emit=emit)
@@ -383,19 +403,33 @@ class Monitor:
         )
         return warm, meas
 
+    def _gather(self, values: list[list[float]]) -> list[list[list[float]]]:
+        """All ranks' `values` (same shape on every rank), over the reduction group."""
+        dist = torch.distributed
+        local = torch.tensor(values, dtype=torch.float64, device=self._reduce_device)
+        gathered = [torch.empty_like(local) for _ in range(self._world)]
+        dist.all_gather(gathered, local, group=self._group)
+        # Under gloo these are CPU tensors already; with a device group this waits, once per log.
+        return [g.cpu().tolist() for g in gathered]  # host sync: once per log interval
+
+    def _agree_finished_step(self) -> int | None:
+        """The last step every rank's device has finished, so all ranks resolve the same steps."""
+        try:
+            finished = self._timer.finished_through(self._step)
+        except Exception as exc:
+            self._fault("timing", exc)
+            finished = self._logged_step  # resolve nothing new on this round
+        try:
+            return int(min(row[0][0] for row in self._gather([[float(finished)]])))
+        except Exception as exc:
+            self._fault("distributed", exc)
+            return None
+
     def _reduce(self, warm: Window, meas: Window) -> tuple[Window, Window]:
         if self._world == 1:
             return warm, meas
         try:
-            dist = torch.distributed
-            local = torch.tensor(
-                [_fields(warm), _fields(meas)], dtype=torch.float64, device=self._reduce_device
-            )
-            gathered = [torch.empty_like(local) for _ in range(self._world)]
-            dist.all_gather(gathered, local, group=self._group)
-            rows = [
-                g.cpu().tolist() for g in gathered
-            ]  # host sync: once per log interval (CPU tensors under gloo)
+            rows = self._gather([_fields(warm), _fields(meas)])
             return (
                 combine_ranks([Window(*r[0]) for r in rows], self._world),
                 combine_ranks([Window(*r[1]) for r in rows], self._world),

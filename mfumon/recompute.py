@@ -497,6 +497,7 @@ class RecomputeProbe:
         self._armed = [False] * n  # re-running, own work not yet counted
         self._last_child = [-1] * n  # the descendant that started last in i's forward
         self._active = [False] * n  # an outermost region ran something in a backward
+        self.error: Exception | None = None  # first fault inside a hook; result() raises it
         self._handles = [
             h
             for i, m in enumerate(modules)
@@ -507,6 +508,20 @@ class RecomputeProbe:
         ]
 
     def _pre(self, i: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.error is None:
+            try:
+                self._pre_hook(i, module, args)
+            except Exception as exc:  # a hook runs inside the user's forward: never raise there
+                self.error = exc
+
+    def _post(self, i: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.error is None:
+            try:
+                self._post_hook(i, module, args, output)
+            except Exception as exc:  # a hook runs inside the user's forward: never raise there
+                self.error = exc
+
+    def _pre_hook(self, i: int, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.compiler.is_compiling():
             return
         if _in_backward():
@@ -527,7 +542,7 @@ class RecomputeProbe:
         if self._training[self._region[i]] and self._flops[i] and self._owner[i] >= 0:
             self._last_child[self._owner[i]] = i
 
-    def _post(self, i: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _post_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if torch.compiler.is_compiling():
             return
         if _in_backward():
@@ -544,6 +559,8 @@ class RecomputeProbe:
 
         A region of which nothing ran in a backward counts whole, as the structure says.
         """
+        if self.error is not None:
+            raise RuntimeError(f"the recompute probe failed in a hook: {self.error!r}") from self.error
         if not self.backward_seen:
             return None
         memo: dict[int, Fraction | None] = {}

@@ -99,7 +99,7 @@ class StepTimer:
 
     def _stage(self, tokens: torch.Tensor) -> Any:
         if tokens.device.type == "cpu":
-            return tokens.detach().to(torch.float64).reshape(())
+            return tokens.detach().to(torch.float64, copy=True).reshape(())  # a copy: the caller may reuse it
         slot = (
             self._free_slots.pop()
             if self._free_slots
@@ -108,12 +108,31 @@ class StepTimer:
         slot.copy_(tokens.detach().reshape(()), non_blocking=True)  # lands before the event completes
         return slot
 
-    def resolve(self, *, wait: bool = False) -> list[StepRecord]:
-        """Finished steps since the last call, in order; with `wait`, block until all are done."""
+    def finished_through(self, default: int) -> int:
+        """Index of the last step that, with every step before it, the device has finished.
+
+        `default` when nothing is pending. Never blocks.
+        """
+        last = default
+        for rec in self._pending:
+            if not self._ready(rec.end):
+                return rec.index - 1
+            last = rec.index
+        return last
+
+    def resolve(self, *, wait: bool = False, upto: int | None = None) -> list[StepRecord]:
+        """Finished steps since the last call, in order, up to step index `upto` when given.
+
+        With `wait`, block until all recorded steps are done first (used once, at close).
+        """
         if wait and self.cuda and self._pending:
             self._pending[-1].end.synchronize()  # host sync: only at close(), once
         out: list[StepRecord] = []
-        while self._pending and self._ready(self._pending[0].end):
+        while (
+            self._pending
+            and (upto is None or self._pending[0].index <= upto)
+            and self._ready(self._pending[0].end)
+        ):
             rec = self._pending.popleft()
             seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
             tokens = rec.tokens

@@ -9,7 +9,7 @@ import torch
 
 import mfumon
 from mfumon import metrics as K
-from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning
 from mfumon.loggers import Logger
 from tests.conftest import TinyLM, mfumon_records, train_step
 
@@ -306,14 +306,34 @@ def test_model_without_parameters_and_wrong_kinds() -> None:
 
 
 @pytest.mark.parametrize(
-    "tokens", [-1, 2.5, float("nan"), "32", True, torch.ones(2, dtype=torch.long), torch.tensor(True)]
+    ("tokens", "error"),
+    [
+        (-1, ConfigError),
+        (2.5, ConfigError),
+        (float("nan"), ConfigError),
+        (torch.ones(2, dtype=torch.long), ConfigError),
+        (torch.tensor(True), ConfigError),
+        ("32", ConfigTypeError),
+        (True, ConfigTypeError),
+    ],
 )
-def test_bad_tokens_fail_at_once(tokens: object) -> None:
+def test_bad_tokens_fail_at_once(tokens: object, error: type[MfumonError]) -> None:
     mon = mfumon.Monitor(TinyLM(), seq_len=8, loggers=(), peak_tflops=1.0)
-    with pytest.raises(ConfigError, match="tokens"):
+    with pytest.raises(error, match="tokens"):
         mon.step(tokens=tokens)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="tokens"):
+    with pytest.raises(error, match="tokens"):
         mon.micro_step(tokens=tokens)  # type: ignore[arg-type]
+
+
+def test_cpu_tensor_tokens_are_copied_at_step_time(tiny) -> None:
+    model, opt = tiny
+    count = torch.tensor(10.0, dtype=torch.float64)
+    with mfumon.monitor(model, seq_len=8, log_every=10, warmup=0, loggers=(), peak_tflops=1.0) as mon:
+        for _ in range(3):
+            train_step(model, opt)
+            mon.step(tokens=count)
+            count += 5  # the caller reuses its tensor: steps counted 10, 15, 20
+    assert mon.summary()["tokens"] == 10 + 15 + 20
 
 
 def test_step_without_tokens_says_what_to_pass() -> None:

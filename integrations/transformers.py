@@ -40,13 +40,15 @@ DEFAULT_LOG_EVERY = 10  # when the Trainer does not log by steps
 
 
 def args_dtype(args: TrainingArguments) -> str | None:
-    """The matmul dtype the Trainer's arguments ask for; None leaves it to the model and torch settings."""
+    """The matmul dtype the Trainer's arguments ask for; None leaves it to the model and torch settings.
+
+    `args.tf32` is not read here: it only switches torch's fp32 matmuls to TF32 (which the model
+    detection sees), and a model with bf16 or fp16 weights still multiplies in bf16/fp16.
+    """
     if getattr(args, "bf16", False):
         return "bf16"
     if getattr(args, "fp16", False):
         return "fp16"
-    if getattr(args, "tf32", None):
-        return "tf32"
     return None
 
 
@@ -96,7 +98,8 @@ class MFUCallback(_Callback):
 
     The keys go into the `logs` of the Trainer's log calls, so they land in `state.log_history`
     and reach every `report_to` integration (W&B, TensorBoard, ...). It takes from the Trainer:
-    the model (FLOPs per token), `args.bf16`/`fp16`/`tf32` (matmul dtype), optimizer steps
+    the model (FLOPs per token), `args.bf16`/`fp16` (matmul dtype; TF32 via torch's setting),
+    optimizer steps
     (`on_step_end`, after gradient accumulation and the optimizer), the world size
     (torch.distributed), and tokens per micro-batch from the model's inputs, seen by a forward
     pre-hook while the model trains: `attention_mask.sum()` (non-padding) or
@@ -111,7 +114,7 @@ class MFUCallback(_Callback):
         log_every: optimizer steps per window (default: `logging_steps` when logging by steps).
         warmup: first optimizer steps left out of averages.
         peak_tflops: per-device dense peak TFLOP/s, overriding the device table.
-        dtype: matmul dtype for the peak (default: from `args.bf16`/`fp16`/`tf32`, else the model).
+        dtype: matmul dtype for the peak (default: from `args.bf16`/`fp16`, else the model).
         loggers: extra mfumon loggers ("stdout", "jsonl", "wandb", "tensorboard" or instances).
         run_name, log_dir: where file loggers write.
         flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.

@@ -100,6 +100,8 @@ class Monitor:
         flops_per_token: training FLOPs per token, overriding the count from `model`.
         causal: count attention with causal masking (default) or PaLM's full-matrix convention.
         convention: FLOP convention of `mfumon.flop_breakdown` ("mfumon", "6N", "palm", "chinchilla").
+        doc_lengths: lengths of the documents packed into a typical batch (each <= seq_len), so the
+            attention term is summed over documents, not the padded length; fixed at setup.
         recompute: what activation checkpointing re-runs, counted in HFU only: "auto" (found on the
             model at setup: enable checkpointing before building the monitor; then refined by
             watching the first training step, see `mfumon.recompute.RecomputeProbe`), "none", a
@@ -123,6 +125,7 @@ class Monitor:
         flops_per_token: int | None = None,
         causal: bool = True,
         convention: str = "mfumon",
+        doc_lengths: Iterable[int] | torch.Tensor | None = None,
         recompute: Any = "auto",
         device: torch.device | str | None = None,
         measure_ceiling: bool = False,
@@ -159,7 +162,12 @@ class Monitor:
             from mfumon.flops import flop_breakdown
 
             self.breakdown = flop_breakdown(
-                model, self.seq_len, causal=causal, convention=convention, recompute=recompute
+                model,
+                self.seq_len,
+                causal=causal,
+                convention=convention,
+                doc_lengths=doc_lengths,
+                recompute=recompute,
             )
             self.flops_per_token = int(self.breakdown.total)
             self.hw_flops_per_token = int(self.breakdown.hardware)
@@ -201,7 +209,8 @@ class Monitor:
         if model is not None and not self._dtype_given:
             self._hook = model.register_forward_pre_hook(self._detect_autocast)
         self._probe: Any = None  # watches the first step's backward for what checkpointing re-runs
-        self._causal, self._convention = causal, convention
+        self._causal, self._convention, self._doc_lengths = causal, convention, doc_lengths
+        self._late_checkpoint_check = model is not None and isinstance(recompute, str) and recompute == "auto"
         if model is not None and isinstance(recompute, str) and recompute == "auto" and self.breakdown:
             if self.breakdown.recompute:
                 try:
@@ -343,8 +352,26 @@ class Monitor:
                 self._fault("timing", exc)
         if self._probe is not None:
             self._refine_recompute()
+        elif self._late_checkpoint_check:
+            self._check_late_checkpointing()
         if self._step % self._log_every == 0:
             self._log()
+
+    def _check_late_checkpointing(self) -> None:
+        """Once, at the first step: say so if checkpointing was switched on after setup."""
+        self._late_checkpoint_check = False
+        if self.breakdown is None or self.breakdown.recompute:
+            return
+        try:
+            from mfumon.recompute import find_checkpointing
+
+            if find_checkpointing(self.model).modules:  # type: ignore[arg-type]
+                _log.warning(
+                    "mfumon: activation checkpointing was enabled after the monitor was built, so HFU "
+                    "counts no recompute; build the monitor after enabling it, or pass recompute="
+                )
+        except Exception as exc:
+            self._fault("recompute", exc)
 
     def _refine_recompute(self) -> None:
         """Once a backward has run: recompute FLOPs from what it re-ran (early stop included)."""
@@ -359,7 +386,12 @@ class Monitor:
                 from mfumon.flops import flop_breakdown
 
                 refined = flop_breakdown(
-                    model, seq_len, causal=self._causal, convention=self._convention, recompute=observed
+                    model,
+                    seq_len,
+                    causal=self._causal,
+                    convention=self._convention,
+                    doc_lengths=self._doc_lengths,
+                    recompute=observed,
                 )
                 self.breakdown = replace(self.breakdown, recompute=refined.recompute)
                 self.hw_flops_per_token = int(self.breakdown.hardware)

@@ -595,3 +595,21 @@ def test_monitor_keeps_the_setup_count_when_the_observation_fails(
     assert len(records) == 1 and "recompute fault" in records[0].getMessage()
     assert mon.breakdown == static and mon.hw_flops_per_token == static.hardware
     assert mon.metrics[K.HFU] / mon.metrics[K.MFU] == pytest.approx(static.hardware / static.total, rel=1e-9)
+
+
+def test_checkpointing_enabled_after_the_monitor_is_said_once(mfumon_log) -> None:  # type: ignore[no-untyped-def]
+    model = dense_lm()
+    with mfumon.monitor(model, seq_len=S, log_every=2, warmup=1, loggers=(), peak_tflops=1.0) as mon:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))  # too late
+        train(model, mon, steps=3)
+    assert mon.breakdown.recompute == 0 and mon.metrics[K.HFU] == mon.metrics[K.MFU]
+    records = mfumon_records(mfumon_log)
+    assert len(records) == 1 and "enabled after the monitor was built" in records[0].getMessage()
+
+
+def test_monitor_passes_doc_lengths_to_the_attention_term() -> None:
+    model = dense_lm()
+    docs = [S // 2, S // 4, S // 4]  # three documents packed into one sequence
+    mon = mfumon.Monitor(model, seq_len=S, doc_lengths=docs, loggers=(), peak_tflops=1.0)
+    assert mon.flops_per_token == flops_per_token(model, S, doc_lengths=docs)
+    assert mon.flops_per_token < flops_per_token(model, S)  # shorter documents attend fewer keys

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mfumon.errors import ConfigError, ConfigTypeError
+from mfumon.errors import ConfigError, ConfigTypeError, MissingDependencyError
 
 __all__ = ["LOGGER_NAMES", "Logger", "LoggerSet", "make_loggers"]
 
@@ -70,6 +70,20 @@ def _tensorboard(*, run_name: str, log_dir: Path, **kw: Any) -> Logger:
 
 _FACTORIES = {"stdout": _stdout, "jsonl": _jsonl, "wandb": _wandb, "tensorboard": _tensorboard}
 LOGGER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+_EXTRAS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # logger name -> package it needs (= extra)
+
+
+def _check_extra(name: str) -> None:
+    """Raise MissingDependencyError at setup when a named logger's package is not installed."""
+    package = _EXTRAS.get(name)
+    if package is None:
+        return
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise MissingDependencyError(
+            f"the {name!r} logger needs {package}: pip install 'mfumon[{package}]'"
+        ) from None
 
 
 def validate_logger_spec(spec: Iterable[str | Logger] | str | Logger | None) -> list[str | Logger]:
@@ -81,7 +95,9 @@ def validate_logger_spec(spec: Iterable[str | Logger] | str | Logger | None) -> 
     items = list(spec)
     for item in items:
         if isinstance(item, str):
-            if item not in _FACTORIES:
+            if item in _FACTORIES:
+                _check_extra(item)
+            else:
                 raise ConfigError(
                     f"loggers: unknown logger {item!r}; pass any of {list(LOGGER_NAMES)} "
                     "or a mfumon.Logger instance"

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from mfumon.errors import MissingDependencyError
 from mfumon.loggers import Logger
-from mfumon.metrics import METRIC_KEYS, MFU_AVG
+from mfumon.metrics import METRIC_KEYS
 
 __all__ = ["STEP_KEY", "WandbLogger"]
 
@@ -87,9 +87,9 @@ class WandbLogger(Logger):
             self.run.summary[key] = value
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
-        whole_run = {k: v for k, v in summary.items() if k in METRIC_KEYS}
-        if MFU_AVG not in whole_run:
-            return  # no timed step after warm-up, or no peak: leave the per-window values
+        if not summary.get("steps"):
+            return  # no timed step after warm-up: leave the per-window values
+        whole_run = {k: v for k, v in summary.items() if k in METRIC_KEYS}  # no MFU keys without a peak
         for key, value in whole_run.items():
             self.run.summary[key] = value
 

@@ -14,8 +14,13 @@ from mfumon.loggers.stdout import StdoutLogger, format_line
 from tests.conftest import mfumon_records
 
 METRICS = {
-    K.MFU: 0.4123, K.HFU: 0.5497, K.TFLOPS_PER_DEVICE: 407.9, K.PEAK_TFLOPS: 989.4,
-    K.TOKENS_PER_S: 452_890.4, K.STEP_TIME_MS: 72.44, K.MFU_AVG: 0.40,
+    K.MFU: 0.4123,
+    K.HFU: 0.5497,
+    K.TFLOPS_PER_DEVICE: 407.9,
+    K.PEAK_TFLOPS: 989.4,
+    K.TOKENS_PER_S: 452_890.4,
+    K.STEP_TIME_MS: 72.44,
+    K.MFU_AVG: 0.40,
 }
 
 
@@ -35,8 +40,16 @@ def test_stdout_without_peak_shows_no_mfu() -> None:
 def test_stdout_logger_writes_run_info_and_warmup() -> None:
     buf = io.StringIO()
     log = StdoutLogger(buf)
-    log.log_run_info({"device": "NVIDIA H100 80GB HBM3", "world_size": 8, "peak_tflops": 989.4,
-                      "peak_dtype": "bf16", "flops_per_token": 8.6e8, "warmup": 5})
+    log.log_run_info(
+        {
+            "device": "NVIDIA H100 80GB HBM3",
+            "world_size": 8,
+            "peak_tflops": 989.4,
+            "peak_dtype": "bf16",
+            "flops_per_token": 8.6e8,
+            "warmup": 5,
+        }
+    )
     log.log_warmup({K.TOKENS_PER_S: 1000.0}, 2, 5)
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("[mfumon] NVIDIA H100 80GB HBM3 x8, peak 989.4 TFLOP/s bf16; 0.86 GFLOP/token")

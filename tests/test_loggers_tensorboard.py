@@ -74,7 +74,8 @@ def test_missing_tensorboard_names_the_extra(monkeypatch: pytest.MonkeyPatch, tm
 
 def test_a_path_that_is_a_file_fails_at_setup(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("not a directory")
-    with pytest.raises(OSError):
-        mfumon.Monitor(
-            flops_per_token=1, loggers=("tensorboard",), peak_tflops=1.0, run_name="taken", log_dir=tmp_path
-        )
+    mon = mfumon.Monitor(
+        flops_per_token=1, loggers=("tensorboard",), peak_tflops=1.0, run_name="taken", log_dir=tmp_path
+    )
+    with pytest.raises(OSError):  # file loggers are built at start() (a `with` block's entry), on rank 0
+        mon.start()

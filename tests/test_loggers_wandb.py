@@ -203,7 +203,8 @@ def test_credentials_from_env_or_netrc(tmp_path: Path, monkeypatch: pytest.Monke
 def test_missing_wandb_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(MissingDependencyError, match=r"pip install 'mfumon\[wandb\]'"):
-        mfumon.Monitor(flops_per_token=1, loggers=("wandb",), peak_tflops=1.0, log_dir=tmp_path)
+        # raised by the time the monitor starts: its loggers are built once the rank is known
+        mfumon.Monitor(flops_per_token=1, loggers=("wandb",), peak_tflops=1.0, log_dir=tmp_path).start()
 
 
 def test_a_failing_wandb_logger_leaves_training_running(tiny, wandb_dir: Path, mfumon_log) -> None:

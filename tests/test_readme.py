@@ -21,9 +21,15 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     block = re.search(r"<!-- test-command -->\n```bash\n(.+?)\n```", README, flags=re.S)
     assert block is not None
     extracted = subprocess.run(
-        ["awk", r"/<!-- test-command -->/{f=1; next} f && /^```bash/{g=1; next} g && /^```/{exit} g{print}",
-         "README.md"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            "awk",
+            r"/<!-- test-command -->/{f=1; next} f && /^```bash/{g=1; next} g && /^```/{exit} g{print}",
+            "README.md",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert extracted == block.group(1).strip()
     assert "awk '/<!-- test-command -->/" in (ROOT / ".ci" / "run").read_text()

@@ -70,19 +70,20 @@ def _tensorboard(*, run_name: str, log_dir: Path, **kw: Any) -> Logger:
 
 _FACTORIES = {"stdout": _stdout, "jsonl": _jsonl, "wandb": _wandb, "tensorboard": _tensorboard}
 LOGGER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
-_EXTRAS = {"wandb": "wandb", "tensorboard": "tensorboard"}  # logger name -> package it needs (= extra)
+# logger name -> (module it imports, pip extra that provides it)
+_EXTRAS = {"wandb": ("wandb", "wandb"), "tensorboard": ("torch.utils.tensorboard", "tensorboard")}
 
 
 def _check_extra(name: str) -> None:
     """Raise MissingDependencyError at setup when a named logger's package is not installed."""
-    package = _EXTRAS.get(name)
-    if package is None:
+    if name not in _EXTRAS:
         return
+    module, extra = _EXTRAS[name]
     try:
-        importlib.import_module(package)
+        importlib.import_module(module)
     except ImportError:
         raise MissingDependencyError(
-            f"the {name!r} logger needs {package}: pip install 'mfumon[{package}]'"
+            f"the {name!r} logger needs the {extra} package: pip install 'mfumon[{extra}]'"
         ) from None
 
 

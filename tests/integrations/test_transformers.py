@@ -341,6 +341,8 @@ WORKER = textwrap.dedent(
     out = os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json")
     with open(out, "w") as f:
         json.dump({"log_history": trainer.state.log_history, "world": torch.distributed.get_world_size()}, f)
+    # Gloo's worker threads must stop before the interpreter does, or the exit can abort (SIGABRT).
+    torch.distributed.destroy_process_group()
     """
 )
 

@@ -8,7 +8,6 @@ and `close` (end of training); `pause`/`resume` bracket evaluation and checkpoin
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +20,7 @@ from torch import nn
 
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
-from mfumon.monitor import DEFAULT_WARMUP, Monitor
+from mfumon.monitor import DEFAULT_WARMUP, Monitor, check_int, default_run_name
 
 __all__ = ["CallbackCore", "CallbackOptions", "batch_tokens", "config_seq_len"]
 
@@ -36,11 +35,7 @@ NO_TOKENS_HINT = (
 
 
 def _optional_int(name: str, value: Any, what: str, *, minimum: int = 1) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum} ({what}), got {value!r}")
-    return int(value)
+    return None if value is None else check_int(name, value, what, minimum=minimum)
 
 
 @dataclass(frozen=True)
@@ -283,9 +278,7 @@ class CallbackCore:
         loggers: list[Logger] = []
         if _dist_rank_world()[0] == 0:  # only rank 0 logs; other ranks build no backend (no W&B run)
             if run_name is None:
-                import time
-
-                run_name = time.strftime("mfumon-%Y%m%d-%H%M%S")
+                run_name = default_run_name()
             loggers = [sink, *make_loggers(opts.loggers, run_name=run_name, log_dir=Path(opts.log_dir))]
         return Monitor(
             model,

@@ -35,7 +35,8 @@ DEFAULT_WARMUP = 5
 Tokens = int | float | torch.Tensor
 
 
-def _positive_int(name: str, value: Any, what: str, *, minimum: int = 1) -> int:
+def check_int(name: str, value: Any, what: str, *, minimum: int = 1) -> int:
+    """`value` as an int >= `minimum`, or ConfigError naming `name` and what it counts."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name} must be an int >= {minimum} ({what}), got {value!r}")
     return int(value)
@@ -61,6 +62,11 @@ def _check_tokens(tokens: Any, name: str = "tokens") -> Tokens:
             f"{name} must be a whole number >= 0 (tokens processed in this step), got {tokens!r}"
         )
     return int(tokens)
+
+
+def default_run_name() -> str:
+    """The run name used when none is given: mfumon-<date>-<time>."""
+    return time.strftime("mfumon-%Y%m%d-%H%M%S")
 
 
 def _model_device(model: nn.Module | None) -> torch.device:
@@ -132,8 +138,8 @@ class Monitor:
     ) -> None:
         from mfumon import hardware  # local: keeps NVML out of import time
 
-        self._log_every = _positive_int("log_every", log_every, "optimizer steps per log")
-        self._warmup = _positive_int("warmup", warmup, "steps excluded from averages", minimum=0)
+        self._log_every = check_int("log_every", log_every, "optimizer steps per log")
+        self._warmup = check_int("warmup", warmup, "steps excluded from averages", minimum=0)
         logger_spec = validate_logger_spec(loggers)
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -145,12 +151,10 @@ class Monitor:
         self.seq_len: int | None = None
         self.breakdown: Any = None
         if flops_per_token is not None:
-            self.flops_per_token = _positive_int(
-                "flops_per_token", flops_per_token, "training FLOPs per token"
-            )
+            self.flops_per_token = check_int("flops_per_token", flops_per_token, "training FLOPs per token")
             self.hw_flops_per_token = self.flops_per_token
             if seq_len is not None:
-                self.seq_len = _positive_int("seq_len", seq_len, "tokens per sequence")
+                self.seq_len = check_int("seq_len", seq_len, "tokens per sequence")
         elif model is None:
             raise ConfigError("pass the model you train (monitor(model, seq_len=...)) or flops_per_token=")
         else:
@@ -158,7 +162,7 @@ class Monitor:
                 raise ConfigError(
                     "seq_len is required: pass seq_len=<tokens per sequence> (e.g. seq_len=2048)"
                 )
-            self.seq_len = _positive_int("seq_len", seq_len, "tokens per sequence")
+            self.seq_len = check_int("seq_len", seq_len, "tokens per sequence")
             from mfumon.flops import flop_breakdown
 
             self.breakdown = flop_breakdown(
@@ -183,7 +187,7 @@ class Monitor:
         self.measured_peak_flops: float | None = None
 
         self.rank = _rank()
-        self.run_name = run_name or time.strftime("mfumon-%Y%m%d-%H%M%S")
+        self.run_name = run_name or default_run_name()
         self.log_dir = Path(log_dir)
         self._logger_spec = logger_spec
         self._loggers = LoggerSet([])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from mfumon.cli import estimate
+from tests.procs import run
 from tests.tiny_models import TINY_CONFIGS
 
 pytestmark = pytest.mark.transformers
@@ -90,7 +90,5 @@ def test_without_transformers_names_the_extra(tmp_path: Path) -> None:
         "try:\n    build_meta_model(sys.argv[1])\nexcept MissingDependencyError as e:\n    print(e)\n"
     )
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True, check=True
-    )
+    out = run([sys.executable, "-c", code, str(tmp_path)], cwd=root, check=True)
     assert "pip install 'mfumon[transformers]'" in out.stdout

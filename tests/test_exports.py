@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import inspect
-import subprocess
 import sys
 
 import mfumon
+from tests.procs import run
 
 
 def test_all_matches_the_exported_members() -> None:
@@ -22,5 +22,5 @@ def test_engine_imports_no_framework() -> None:
         "print(sorted({'lightning', 'pytorch_lightning', 'transformers', 'wandb', 'tensorboard'}"
         " & set(sys.modules)))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run([sys.executable, "-c", code], check=True)
     assert out.stdout.strip() == "[]"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -12,30 +11,10 @@ import mfumon
 from mfumon import metrics as K
 from mfumon.errors import MissingDependencyError
 from tests.conftest import train_step
+from tests.readback import tb_scalars, tb_texts
 from tests.test_monitor import Recorder
 
 pytest.importorskip("tensorboard")
-
-
-def tb_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag under `path` as (step, value) pairs, read by TensorBoard's EventAccumulator."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def tb_texts(path: Path) -> dict[str, Any]:
-    """Text summaries under `path` (TensorBoard stores them as string tensors)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(path), size_guidance={"tensors": 0})
-    acc.Reload()
-    return {
-        tag.removesuffix("/text_summary"): acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
-        for tag in acc.Tags()["tensors"]
-    }
 
 
 def test_event_files_hold_every_window(tiny, tmp_path: Path) -> None:

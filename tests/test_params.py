@@ -13,6 +13,7 @@ from torch import nn
 
 from mfumon.errors import ConfigError, ConfigTypeError
 from mfumon.params import ParamCounts, count_params, register_moe
+from tests.procs import run, spawn
 from tests.tiny_models import HIDDEN, VOCAB, Expert, HandLM, StackedMoE, hand_moe_lm, hf_model
 
 d, V = HIDDEN, VOCAB  # 64, 128
@@ -207,14 +208,12 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_fsdp2_dtensor_parameters_count_at_full_size(tmp_path) -> None:
-    import torch.multiprocessing as mp
-
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_fsdp_worker, (2, port, str(tmp_path)), nprocs=2)
     for rank in range(2):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["after"] == result["before"]  # DTensor global shape, no communication
@@ -223,9 +222,14 @@ def test_fsdp2_dtensor_parameters_count_at_full_size(tmp_path) -> None:
 
 _ZERO3_SCRIPT = """
 import deepspeed
+import deepspeed.ops
 from mfumon.params import count_params
 from tests.tiny_models import hand_moe_lm
 
+# Without this, init_distributed JIT-compiles DeepSpeed's shared-memory CPU all-reduce with g++
+# (about 40 s on a fresh machine, and a build killed half-way leaves a lock the next one waits on
+# for ever). ZeRO-3's partitioning never calls it; DeepSpeed falls back to torch.distributed.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo")
 expected = count_params(hand_moe_lm(), cache=False)
 with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 1}):
@@ -238,10 +242,12 @@ print("ok")
 
 def test_deepspeed_zero3_parameters_count_at_full_size(tmp_path) -> None:
     import importlib.util
-    import subprocess
 
     if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (checked by hand with deepspeed 0.19.8, CPU accelerator)")
+        missing = "deepspeed is not installed: pip install -e '.[dev]'"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"{missing} (CI installs the dev extra, so this test must run there)")
+        pytest.skip(missing)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -249,14 +255,7 @@ def test_deepspeed_zero3_parameters_count_at_full_size(tmp_path) -> None:
     env.update(LOCAL_RANK="0", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run(
-        [sys.executable, "-c", _ZERO3_SCRIPT],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run([sys.executable, "-c", _ZERO3_SCRIPT], env=env, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 

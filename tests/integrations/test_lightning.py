@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import mfumon
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
 from tests.conftest import TinyLM, mfumon_records
+from tests.procs import deadline, run
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
@@ -291,7 +291,7 @@ def test_missing_lightning_names_the_extra() -> None:
         "except ImportError as exc:\n"
         "    print(type(exc).__name__, exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = run([sys.executable, "-c", code], check=True).stdout
     assert out.strip() == (
         "MissingDependencyError MFUCallback for Lightning needs lightning: pip install 'mfumon[lightning]'"
     )
@@ -320,7 +320,8 @@ def test_ddp_two_processes_log_once_with_global_figures(tmp_path: Path, capfd: p
         accumulate_grad_batches=2,
     )
     data = PaddedTokens(256, pad=0, vocab=32, seq=16)
-    t.fit(TinyModule(), DataLoader(data, batch_size=BATCH, collate_fn=collate_by_rank))
+    with deadline("Lightning's ddp_spawn of 2 processes"):
+        t.fit(TinyModule(), DataLoader(data, batch_size=BATCH, collate_fn=collate_by_rank))
     out = capfd.readouterr().out
     assert out.count("[mfumon] step 5 |") == 1 and out.count("[mfumon] step 10 |") == 1  # rank 0 only
     assert "x2, peak 1 TFLOP/s" in out  # the run facts name both devices
@@ -350,7 +351,8 @@ def test_ddp_setup_problem_on_one_rank_switches_every_rank_off(
     # a rank left waiting in a collective would fail after 60 s instead of hanging
     strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
     t = trainer(tmp_path, [cb], max_steps=6, devices=2, strategy=strategy, log_every_n_steps=2)
-    t.fit(TinyModule(), DataLoader(torch.randint(0, 32, (64, 8)), batch_size=BATCH))
+    with deadline("Lightning's ddp_spawn of 2 processes"):
+        t.fit(TinyModule(), DataLoader(torch.randint(0, 32, (64, 8)), batch_size=BATCH))
     captured = capfd.readouterr()
     assert captured.err.count("tokens_per_batch=") == 1  # rank 1's message, once
     assert "[mfumon]" not in captured.out  # rank 0 switched off too: no line, no window

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,10 @@ import mfumon
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, MfumonWarning
 from tests.conftest import mfumon_records
-from tests.test_loggers_tensorboard import tb_scalars
-from tests.test_loggers_wandb import wandb_run
+from tests.procs import run
+from tests.readback import tb_scalars, wandb_run
+
+pytestmark = pytest.mark.transformers  # scripts/tf4/run.sh runs them on transformers 4.57 too
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -120,19 +120,7 @@ def mfumon_logs(trainer: Any) -> list[dict[str, Any]]:
     return [e for e in trainer.state.log_history if K.MFU in e]
 
 
-@pytest.fixture
-def report_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Offline W&B and TensorBoard of the Trainer's report_to integrations, under tmp_path."""
-    import wandb
-
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    yield tmp_path
-    wandb.teardown()
-
-
-def test_train_with_accumulation_and_evaluation(tmp_path: Path, report_dirs: Path) -> None:
+def test_train_with_accumulation_and_evaluation(tmp_path: Path) -> None:
     steps, warmup, accumulate, peak = 20, 2, 2, 0.5
     clock = Clock(eval_sleep_s=0.15)
     cb = MFUCallback(peak_tflops=peak, warmup=warmup)
@@ -145,16 +133,12 @@ def test_train_with_accumulation_and_evaluation(tmp_path: Path, report_dirs: Pat
             gradient_accumulation_steps=accumulate,
             eval_strategy="steps",
             eval_steps=10,
-            report_to=["tensorboard", "wandb"],
         ),
         train_dataset=PaddedTokens(400),
         eval_dataset=PaddedTokens(2 * BATCH),  # two evaluation batches: 0.3 s of sleep
         callbacks=[cb, clock],
     )
     trainer.train()
-    import wandb
-
-    wandb.finish()  # the Trainer leaves its W&B run open
     assert trainer.state.global_step == steps
 
     tokens_per_step = accumulate * BATCH * (SEQ - PAD)  # 2 micro-batches x 4 rows x 24 non-padding = 192
@@ -177,12 +161,44 @@ def test_train_with_accumulation_and_evaluation(tmp_path: Path, report_dirs: Pat
     train_only_s = clock.step_end[steps] - clock.step_end[warmup] - eval_s
     assert summary["seconds"] == pytest.approx(train_only_s, rel=0.3)  # with it: about +80%
 
-    # report_to integrations ran after MFUCallback's on_log, so they got the keys (prefixed "train/")
-    scalars = tb_scalars(next((report_dirs / "tb").rglob("events.out.tfevents.*")).parent)
-    assert [s for s, _ in scalars["train/mfumon/mfu"]] == [5, 10, 15, 20]
+
+def train_reporting_to(tmp_path: Path, integration: str) -> list[dict[str, Any]]:
+    """Ten steps with MFUCallback and the Trainer's `integration` (report_to); the mfumon log entries."""
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=args(tmp_path, max_steps=10, report_to=[integration]),
+        train_dataset=PaddedTokens(64),
+        callbacks=[MFUCallback(peak_tflops=0.5, warmup=1)],
+    )
+    trainer.train()
+    logs = mfumon_logs(trainer)
+    assert [e["step"] for e in logs] == [5, 10]
+    return logs
+
+
+# The report_to integrations run after MFUCallback's on_log, so they get its keys (prefixed "train/").
+def test_report_to_tensorboard_gets_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5; 4.x: logging_dir
+    logs = train_reporting_to(tmp_path, "tensorboard")
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    scalars = tb_scalars(events[0].parent)
+    assert [s for s, _ in scalars["train/mfumon/mfu"]] == [5, 10]
     assert [v for _, v in scalars["train/mfumon/mfu"]] == pytest.approx([e[K.MFU] for e in logs], rel=1e-6)
-    history = [r for r in wandb_run(report_dirs)["history"] if "train/mfumon/mfu" in r]
-    assert [r["train/global_step"] for r in history] == [5, 10, 15, 20]
+
+
+def test_report_to_wandb_gets_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    try:
+        logs = train_reporting_to(tmp_path, "wandb")
+        wandb.finish()  # the Trainer leaves its W&B run open
+        history = [r for r in wandb_run(tmp_path)["history"] if "train/mfumon/mfu" in r]
+    finally:
+        wandb.teardown()  # wandb reads its settings from the environment once per process
+    assert [r["train/global_step"] for r in history] == [5, 10]
     assert [r["train/mfumon/tokens_per_s"] for r in history] == pytest.approx(
         [e[K.TOKENS_PER_S] for e in logs]
     )
@@ -296,7 +312,7 @@ def test_missing_transformers_names_the_extra() -> None:
         "except ImportError as exc:\n"
         "    print(type(exc).__name__, exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = run([sys.executable, "-c", code], check=True).stdout
     assert out.strip() == (
         "MissingDependencyError MFUCallback for the HF Trainer needs transformers: "
         "pip install 'mfumon[transformers]'"
@@ -350,15 +366,9 @@ WORKER = textwrap.dedent(
 def test_torchrun_two_processes_log_once_with_global_figures(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-        + [str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("[mfumon] step 5 |") == 1 and run.stdout.count("[mfumon] step 10 |") == 1
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = run([*torchrun, str(script), str(tmp_path)], check=True).stdout
+    assert out.count("[mfumon] step 5 |") == 1 and out.count("[mfumon] step 10 |") == 1
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     logs = [e for e in ranks[0]["log_history"] if K.MFU in e]

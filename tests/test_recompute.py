@@ -36,7 +36,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import mfumon
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
-from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
+from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token
+from mfumon.measure import measure_flops
 from mfumon.params import count_params
 from mfumon.recompute import (
     Checkpointed,

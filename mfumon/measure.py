@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mfumon.errors import ConfigTypeError
 from mfumon.flops import grouped_mm_flops, sdpa_forward_flops
@@ -36,8 +37,6 @@ def measure_flops(
     work (norms, bias adds, softmax, activations) counts 0. The model is put in train mode for the
     step and its previous mode and gradients are restored.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training

@@ -48,6 +48,7 @@ __all__ = [
     "grouped_mm_flops",
     "matmul_flops",
     "matmul_training_flops",
+    "sdpa_backward_flops",
     "sdpa_forward_flops",
     "softmax_training_flops",
 ]
@@ -115,6 +116,11 @@ def sdpa_forward_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: 
     """Forward FLOPs of one attention kernel call, every score counted (masked ones too)."""
     b, heads, s_q, d_qk = q_shape  # (B, hq, sq, dqk); K (B, hkv, sk, dqk); V (B, hkv, sk, dv)
     return 2 * b * heads * s_q * k_shape[2] * (d_qk + v_shape[3])  # Q@K^T + A@V
+
+
+def sdpa_backward_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
+    """Backward FLOPs of one attention kernel call: dQ, dK from dScores; dV, dScores from dOut."""
+    return 2 * sdpa_forward_flops(q_shape, k_shape, v_shape)  # 2x forward
 
 
 def grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfumon.errors import ConfigTypeError
-from mfumon.flops import grouped_mm_flops, sdpa_forward_flops
+from mfumon.flops import grouped_mm_flops, sdpa_backward_flops, sdpa_forward_flops
 
 __all__ = ["measure_flops"]
 
@@ -89,7 +89,7 @@ def _extra_formulas() -> dict[Any, Any]:
         return sdpa_forward_flops(q, k, v)
 
     def attention_backward(grad_out: Any, q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
-        return 2 * sdpa_forward_flops(q, k, v)  # dQ, dK from dScores; dV, dScores from dOut: 2x forward
+        return sdpa_backward_flops(q, k, v)
 
     def grouped_mm(a: Any, b: Any, *_args: Any, **_kwargs: Any) -> int:
         return grouped_mm_flops(a, b)  # its backward runs _grouped_mm again, counted the same way

@@ -138,6 +138,7 @@ def _find_attention(
 
 
 def attention_shape(m: nn.Module) -> AttentionShape | None:
+    """Heads, head widths and sliding window of attention module `m` (config fills gaps); None if unknown."""
     config = getattr(m, "config", None)
     qk_dim = int_attr(m, QK_DIM_ATTRS)
     heads = int_attr(m, HEADS_ATTRS) or int_attr(config, ("num_attention_heads",))

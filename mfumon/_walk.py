@@ -40,6 +40,7 @@ def full_numel(p: nn.Parameter) -> int:
 
 
 def own_params(m: nn.Module) -> list[nn.Parameter]:
+    """Parameters registered on `m` itself, not its submodules."""
     return [p for p in m._parameters.values() if p is not None]
 
 

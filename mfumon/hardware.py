@@ -83,6 +83,7 @@ class PeakInfo:
 
     @property
     def tflops(self) -> float | None:
+        """The peak in TFLOP/s per device; None when unknown."""
         return None if self.flops is None else self.flops / TERA
 
 

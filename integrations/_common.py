@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,20 @@ class CallbackOptions:
         peak_override_flops(self.peak_tflops)  # raises ConfigError naming peak_tflops
         check_recompute(self.recompute)  # raises ConfigError naming the choices
         self.loggers = tuple(validate_logger_spec(self.loggers))
+        self._checked = True  # from here on the arguments are fixed
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OPTION_NAMES and self.__dict__.get("_checked"):
+            raise FrozenInstanceError(f"cannot assign to {name!r}: the callback's arguments are fixed")
+        object.__setattr__(self, name, value)
+
+    @property
+    def options(self) -> CallbackOptions:
+        """The checked arguments (the callback itself holds them)."""
+        return self
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(CallbackOptions))
 
 
 def batch_tokens(batch: Any) -> tuple[Tokens, int] | None:
@@ -172,10 +186,10 @@ class CallbackCore:
     # -- setup ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget a previous run (a callback may serve a second fit/train)."""
+        self._faults.clear()
         self.close()
         self.monitor = None
         self.off = False
-        self._faults.clear()
         self._world = 1
         self._has_micro = False
         self._closed = False
@@ -333,8 +347,11 @@ class CallbackCore:
     def _report(self, hook: str, exc: BaseException) -> None:
         self._faults.report(
             hook,
-            f"mfumon: {self.owner} failed in {hook} ({type(exc).__name__}: {exc}); "
-            "MFU is off for the rest of this run, training goes on",
+            "mfumon: %s failed in %s (%s: %s); MFU is off for the rest of this run, training goes on",
+            self.owner,
+            hook,
+            type(exc).__name__,
+            exc,
         )
 
     def _advise(self, message: str) -> None:

@@ -73,8 +73,11 @@ class _TrainerLoggers(Logger):
             except Exception as exc:  # one broken logger must not silence the others
                 self._faults.report(
                     kind,
-                    f"mfumon: Lightning logger {type(logger).__name__} raised in log_metrics "
-                    f"({type(exc).__name__}: {exc}); it gets no more mfumon metrics, training goes on",
+                    "mfumon: Lightning logger %s raised in log_metrics (%s: %s); it gets no more mfumon "
+                    "metrics, training goes on",
+                    type(logger).__name__,
+                    type(exc).__name__,
+                    exc,
                 )
 
 

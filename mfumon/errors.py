@@ -71,19 +71,26 @@ class FaultLog:
     def __init__(self) -> None:
         self._seen: set[str] = set()
 
-    def report(self, kind: str, message: str) -> bool:
-        """Log `message` at WARNING unless `kind` was reported before; True when it was logged."""
+    def report(self, kind: str, message: str, *args: object) -> bool:
+        """Log `message % args` at WARNING unless `kind` was reported before; True when it was logged.
+
+        Formatting is left to `logging`, lazily; an exception whose `str()` fails, or a handler
+        that raises on it, never escapes into the training loop from here.
+        """
         if kind in self._seen:
             return False
         self._seen.add(kind)
-        log.warning(message)
+        try:
+            log.warning(message, *args)
+        except Exception:  # a handler that re-raises formatting errors (pytest's capture does)
+            pass
         return True
 
     def fault(
         self, kind: str, exc: BaseException, consequence: str = "this part is skipped, training goes on"
     ) -> bool:
         """Report an exception of `kind` once, with what happens next (`consequence`)."""
-        return self.report(kind, f"mfumon: {kind} fault ({type(exc).__name__}: {exc}); {consequence}")
+        return self.report(kind, "mfumon: %s fault (%s: %s); %s", kind, type(exc).__name__, exc, consequence)
 
     def seen(self, kind: str) -> bool:
         """True once `kind` has been reported."""

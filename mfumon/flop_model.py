@@ -48,6 +48,7 @@ class FlopModel:
         self._probe: RecomputeProbe | None = None  # watches the first step for what re-runs
         auto = model is not None and isinstance(recompute, str) and recompute == "auto"
         self._late_check = auto  # say once if checkpointing was enabled after setup
+        self._watch = False
         if flops_per_token is not None:
             self.flops_per_token = check_int("flops_per_token", flops_per_token, "training FLOPs per token")
             self.hw_flops_per_token = self.flops_per_token
@@ -62,11 +63,15 @@ class FlopModel:
         self.breakdown = flop_breakdown(model, self.seq_len, recompute=recompute, **self._options)
         self.flops_per_token = self.breakdown.total
         self.hw_flops_per_token = self.breakdown.hardware
-        if auto and self.breakdown.recompute:
+        self._watch = auto and bool(self.breakdown.recompute)
+
+    def watch_first_step(self) -> None:
+        """Hook the checkpointed regions to see what the first step re-runs (call last at setup)."""
+        if self._watch and self.model is not None and self._probe is None:
             try:
-                self._probe = RecomputeProbe(model)
+                self._probe = RecomputeProbe(self.model)
             except Exception as exc:
-                faults.fault("recompute", exc)
+                self._faults.fault("recompute", exc)
 
     def after_step(self) -> None:
         """Call after each optimizer step: refines recompute once a backward ran; cheap after that."""

@@ -171,7 +171,7 @@ def flop_breakdown(
             (found on the model, see :mod:`mfumon.recompute`), "none", a fraction in [0, 1] of the
             model's forward FLOPs, or the checkpointed modules (each re-runs its forward once).
     """
-    check_int("seq_len", seq_len, "tokens per sequence")
+    seq_len = check_int("seq_len", seq_len, "tokens per sequence")
     if not isinstance(causal, bool):
         raise ConfigTypeError(f"causal must be True or False, got {causal!r}")
     if convention not in CONVENTIONS:

@@ -18,12 +18,17 @@ from typing import Any
 import torch
 
 from mfumon._peaks import DevicePeak, lookup
-from mfumon.devices import cuda_index, identify_device
-from mfumon.dtypes import normalize_dtype
-from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
+from mfumon.devices import DeviceIdentity, cuda_index, device_name, identify_device
+from mfumon.dtypes import matmul_dtype, normalize_dtype
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int
 from mfumon.flops import matmul_flops
 
-__all__ = [
+__all__ = [  # device naming and dtypes live in mfumon.devices and mfumon.dtypes; 0.1 had them here
+    "DeviceIdentity",
+    "device_name",
+    "identify_device",
+    "matmul_dtype",
+    "normalize_dtype",
     "ENV_PEAK_TFLOPS",
     "TERA",
     "PeakInfo",
@@ -196,10 +201,9 @@ def measure_peak_flops(
     Raises ConfigError without CUDA or for a dtype torch cannot multiply on this device.
     """
     canonical = normalize_dtype(dtype)
-    if size <= 0 or iters <= 0 or warmup < 0:
-        raise ConfigError(
-            f"size and iters must be positive and warmup >= 0, got {size=}, {iters=}, {warmup=}"
-        )
+    size = check_int("size", size, "rows and columns of the square GEMM")
+    iters = check_int("iters", iters, "timed GEMMs")
+    warmup = check_int("warmup", warmup, "untimed GEMMs first", minimum=0)
     if not torch.cuda.is_available():
         raise ConfigError("measure_peak_flops needs a CUDA (or ROCm) device; this torch sees none")
     index = cuda_index(device)

@@ -131,8 +131,8 @@ class Monitor:
         self._hook: Any = None  # one-shot: the autocast dtype at the first forward
         if model is not None and dtype is None:
             self._hook = model.register_forward_pre_hook(self._detect_autocast)
+        self.flops.watch_first_step()  # hooks go on last: nothing after them can fail
 
-    # The FLOP model's figures, as attributes of the monitor.
     seq_len = property(lambda self: self.flops.seq_len, doc="Tokens per sequence (None if not given).")
     breakdown = property(lambda self: self.flops.breakdown, doc="FLOPs per token by component.")
     flops_per_token = property(lambda self: self.flops.flops_per_token, doc="Model FLOPs per token.")
@@ -318,15 +318,12 @@ def _device(device: torch.device | str | None, model: nn.Module | None) -> torch
     if device is not None:
         found = torch.device(device)
     else:
-        found = next(
-            (p.device for p in (model.parameters() if model else ()) if p.device.type != "meta"), None
-        )
+        params = model.parameters() if model is not None else ()
+        found = next((p.device for p in params if p.device.type != "meta"), None)
+        if found is None and torch.cuda.is_available():
+            found = torch.device("cuda", torch.cuda.current_device())
         if found is None:
-            found = (
-                torch.device("cuda", torch.cuda.current_device())
-                if torch.cuda.is_available()
-                else torch.device("cpu")
-            )
+            found = torch.device("cpu")
     if found.type == "cuda" and found.index is None:
         found = torch.device("cuda", torch.cuda.current_device())
     return found

@@ -87,9 +87,9 @@ def register_moe(experts: nn.Module | type[nn.Module], *, top_k: int, num_expert
         raise ConfigTypeError(
             f"register_moe(experts=...) takes an nn.Module or nn.Module subclass, got {experts!r}"
         )
-    check_int("top_k", top_k, "experts per token")
+    top_k = check_int("top_k", top_k, "experts per token")
     if num_experts is not None:
-        check_int("num_experts", num_experts, "routed experts in the container")
+        num_experts = check_int("num_experts", num_experts, "routed experts in the container")
     register(experts, Registration(top_k, num_experts))
     _CACHE.clear()  # a registration can change any model's count
 
@@ -127,7 +127,7 @@ def layout(
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if top_k is not None:
-        check_int("top_k", top_k, "experts per token")
+        top_k = check_int("top_k", top_k, "experts per token")
     explicit = explicit_registrations(experts, top_k)
     key = (tuple(sorted(id(e) for e in explicit)), top_k)
     if cache:

@@ -135,7 +135,7 @@ def reruns(model: nn.Module, recompute: tuple[nn.Module, ...] | ObservedRecomput
             + "(the checkpointed modules, or a fraction of the forward FLOPs) to count them, "
             + "or recompute='none' to silence this.",
             MfumonWarning,
-            stacklevel=4,
+            stacklevel=3,  # reruns <- flop_breakdown <- its caller
         )
     return tuple(Rerun(c.path, Fraction(1), saves=c.saves) for c in plan.modules)
 

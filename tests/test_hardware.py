@@ -401,8 +401,12 @@ def test_measure_needs_cuda() -> None:
 
 
 def test_measure_rejects_bad_sizes() -> None:
-    with pytest.raises(ConfigError, match="size and iters must be positive"):
+    with pytest.raises(ConfigError, match="size must be an int >= 1"):
         measure_peak_flops("bf16", size=0)
+    with pytest.raises(ConfigError, match="iters must be an int >= 1"):
+        measure_peak_flops("bf16", iters=0)
+    with pytest.raises(ConfigError, match="warmup must be an int >= 0"):
+        measure_peak_flops("bf16", warmup=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -24,8 +24,9 @@ from tests.test_loggers_wandb import wandb_run
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from mfumon.integrations.transformers import MFUCallback  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from mfumon.integrations.transformers import MFUCallback  # noqa: E402
 
 SEQ, PAD, BATCH, VOCAB = 32, 8, 4, 128
 

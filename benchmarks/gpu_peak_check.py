@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from mfumon._peaks import DTYPES, lookup
-from mfumon.hardware import TERA, identify_device, matmul_dtype, measure_peak_flops, resolve_peak
+from mfumon.devices import identify_device
+from mfumon.dtypes import matmul_dtype
+from mfumon.hardware import TERA, measure_peak_flops, resolve_peak
 
 MEASURABLE = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8")
 

@@ -1,31 +1,35 @@
-"""What the Lightning and HF callbacks share: options, token counting, and the fault boundary.
+"""What the Lightning and HF callbacks share: their arguments, token counting, the fault boundary.
 
-Framework-free: imports torch and mfumon only. The callbacks turn trainer hooks into four calls:
+Framework-free: imports torch and mfumon only. `CallbackOptions` is the one source of both
+callbacks' signatures: each callback class inherits it, so its ``__init__`` is the dataclass's.
+The callbacks turn trainer hooks into four calls:
 `build` (first training batch), `micro` (each micro-batch), `step` (after each optimizer step)
 and `close` (end of training); `pause`/`resume` bracket evaluation and checkpointing.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
+from mfumon.distributed import all_ranks_agree, rank_world
+from mfumon.dtypes import normalize_dtype
+from mfumon.errors import ConfigError, ConfigTypeError, FaultLog, MfumonWarning, check_int, log
+from mfumon.flops import CONVENTIONS
+from mfumon.hardware import peak_override_flops
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
-from mfumon.monitor import DEFAULT_WARMUP, Monitor, check_int, default_run_name
+from mfumon.monitor import DEFAULT_WARMUP, Monitor, Tokens, default_run_name
+from mfumon.recompute import check_recompute
 
-__all__ = ["CallbackCore", "CallbackOptions", "batch_tokens", "config_seq_len"]
+__all__ = ["CallbackCore", "CallbackOptions", "LoggerSpec", "batch_tokens", "config_seq_len"]
 
-_log = logging.getLogger("mfumon")
-Tokens = int | torch.Tensor
 LoggerSpec = Iterable[str | Logger] | str | Logger | None
 
 NO_TOKENS_HINT = (
@@ -34,13 +38,12 @@ NO_TOKENS_HINT = (
 )
 
 
-def _optional_int(name: str, value: Any, what: str, *, minimum: int = 1) -> int | None:
-    return None if value is None else check_int(name, value, what, minimum=minimum)
-
-
-@dataclass(frozen=True)
+@dataclass(eq=False, kw_only=True)
 class CallbackOptions:
-    """The callbacks' arguments, checked at construction: a bad value raises at once."""
+    """The callbacks' arguments, checked at construction: a bad value raises at once.
+
+    Both `MFUCallback` classes inherit it: their signature is these fields, keyword-only.
+    """
 
     seq_len: int | None = None  # tokens per sequence; None: the first batch's input_ids.shape[-1]
     tokens_per_batch: int | None = None  # tokens in one micro-batch on one device
@@ -49,7 +52,7 @@ class CallbackOptions:
     warmup: int = DEFAULT_WARMUP
     peak_tflops: float | None = None
     dtype: str | torch.dtype | None = None  # None: from the trainer's precision
-    loggers: tuple[str | Logger, ...] = ()  # extra mfumon loggers (the trainer's own always get the keys)
+    loggers: LoggerSpec = ()  # extra mfumon loggers (the trainer's own always get the keys)
     run_name: str | None = None
     log_dir: str | os.PathLike[str] = "runs"
     flops_per_token: int | None = None
@@ -59,16 +62,15 @@ class CallbackOptions:
     recompute: Any = "auto"  # activation-checkpointing recompute for HFU, as for mfumon.Monitor
 
     def __post_init__(self) -> None:
-        from mfumon import hardware
-        from mfumon.flops import CONVENTIONS
-        from mfumon.recompute import check_recompute
-
-        _optional_int("seq_len", self.seq_len, "tokens per sequence")
-        _optional_int("tokens_per_batch", self.tokens_per_batch, "tokens in one batch on one device")
-        _optional_int("log_every", self.log_every, "optimizer steps per log")
-        _optional_int("flops_per_token", self.flops_per_token, "training FLOPs per token")
-        if _optional_int("warmup", self.warmup, "steps excluded from averages", minimum=0) is None:
-            raise ConfigError("warmup must be an int >= 0 (steps excluded from averages), got None")
+        for name, what in (
+            ("seq_len", "tokens per sequence"),
+            ("tokens_per_batch", "tokens in one batch on one device"),
+            ("log_every", "optimizer steps per log"),
+            ("flops_per_token", "training FLOPs per token"),
+        ):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), what)
+        check_int("warmup", self.warmup, "steps excluded from averages", minimum=0)
         if self.tokens_fn is not None and not callable(self.tokens_fn):
             raise ConfigTypeError(
                 f"tokens_fn must be a function batch -> tokens, got {type(self.tokens_fn).__name__}"
@@ -78,10 +80,24 @@ class CallbackOptions:
         if self.convention not in CONVENTIONS:
             raise ConfigError(f"convention must be one of {list(CONVENTIONS)}, got {self.convention!r}")
         if self.dtype is not None:
-            hardware.normalize_dtype(self.dtype)
-        hardware.peak_override_flops(self.peak_tflops)  # raises ConfigError naming peak_tflops
+            normalize_dtype(self.dtype)
+        peak_override_flops(self.peak_tflops)  # raises ConfigError naming peak_tflops
         check_recompute(self.recompute)  # raises ConfigError naming the choices
-        object.__setattr__(self, "loggers", tuple(validate_logger_spec(self.loggers)))
+        self.loggers = tuple(validate_logger_spec(self.loggers))
+        self._checked = True  # from here on the arguments are fixed
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OPTION_NAMES and self.__dict__.get("_checked"):
+            raise FrozenInstanceError(f"cannot assign to {name!r}: the callback's arguments are fixed")
+        object.__setattr__(self, name, value)
+
+    @property
+    def options(self) -> CallbackOptions:
+        """The checked arguments (the callback itself holds them)."""
+        return self
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(CallbackOptions))
 
 
 def batch_tokens(batch: Any) -> tuple[Tokens, int] | None:
@@ -122,29 +138,6 @@ def config_seq_len(model: nn.Module) -> int | None:
     return None
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), 1
-
-
-def _all_ranks_agree(ok: bool) -> bool:
-    """True when `ok` on every rank; one tiny all-reduce, called once per run at setup."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ok
-    backend = str(dist.get_backend())
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if "gloo" not in backend and torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())  # host sync: once per run, at the first training batch
-
-
 class _Gate(Logger):
     """The monitor's one logger on rank 0: fans out to the trainer's and the user's loggers while on."""
 
@@ -182,6 +175,7 @@ class CallbackCore:
 
     def __init__(self, options: CallbackOptions, owner: str) -> None:
         self.options = options
+        self._faults = FaultLog()
         self.owner = owner  # names the callback in messages
         self.monitor: Monitor | None = None
         self.off = False
@@ -192,6 +186,7 @@ class CallbackCore:
     # -- setup ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget a previous run (a callback may serve a second fit/train)."""
+        self._faults.clear()
         self.close()
         self.monitor = None
         self.off = False
@@ -237,7 +232,7 @@ class CallbackCore:
                 monitor = self._new_monitor(model, batch, log_every=log_every, dtype=dtype, sink=sink)
         except Exception as exc:  # setup fault on this rank: every rank must learn of it
             error = exc
-        everywhere = _all_ranks_agree(problem is None and error is None)  # every rank calls it
+        everywhere = all_ranks_agree(problem is None and error is None)  # every rank calls it
         if monitor is None or not everywhere:
             self.off = True
             if monitor is not None:
@@ -248,7 +243,7 @@ class CallbackCore:
                 self._report("setup", error)
             return None, None
         self.monitor = monitor.start()
-        self._world = _dist_rank_world()[1]
+        self._world = rank_world()[1]
         return monitor, tokens
 
     def _find_problem(self, model: nn.Module, batch: Any, has_tokens: bool) -> str | None:
@@ -276,7 +271,7 @@ class CallbackCore:
         opts = self.options
         run_name = opts.run_name
         loggers: list[Logger] = []
-        if _dist_rank_world()[0] == 0:  # only rank 0 logs; other ranks build no backend (no W&B run)
+        if rank_world()[0] == 0:  # only rank 0 logs; other ranks build no backend (no W&B run)
             if run_name is None:
                 run_name = default_run_name()
             loggers = [sink, *make_loggers(opts.loggers, run_name=run_name, log_dir=Path(opts.log_dir))]
@@ -350,7 +345,8 @@ class CallbackCore:
                 pass
 
     def _report(self, hook: str, exc: BaseException) -> None:
-        _log.warning(
+        self._faults.report(
+            hook,
             "mfumon: %s failed in %s (%s: %s); MFU is off for the rest of this run, training goes on",
             self.owner,
             hook,
@@ -363,13 +359,4 @@ class CallbackCore:
         try:
             warnings.warn(message, MfumonWarning, stacklevel=3)
         except Exception:  # `-W error`: an exception here would stop the training run
-            _log.warning(message)
-
-
-def as_tuple(loggers: LoggerSpec) -> tuple[str | Logger, ...]:
-    """The `loggers=` argument as a tuple (None, one name or one Logger accepted)."""
-    if loggers is None:
-        return ()
-    if isinstance(loggers, (str, Logger)):
-        return (loggers,)
-    return tuple(loggers)
+            log.warning(message)

@@ -7,15 +7,12 @@ trainer = L.Trainer(callbacks=[MFUCallback()])
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-from mfumon.integrations._common import CallbackCore, CallbackOptions, LoggerSpec, Tokens, as_tuple
-
-from mfumon.errors import MissingDependencyError
+from mfumon.dtypes import normalize_dtype
+from mfumon.errors import ConfigError, FaultLog, MissingDependencyError
+from mfumon.integrations._common import CallbackCore, CallbackOptions
 from mfumon.loggers import Logger
 
 try:
@@ -31,8 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MFUCallback"]
 
-_log = logging.getLogger("mfumon")
-
 DEFAULT_LOG_EVERY = 10  # when the trainer's log_every_n_steps is 0 (Lightning logging off)
 
 
@@ -41,9 +36,6 @@ def precision_dtype(precision: str | int | None) -> str | None:
 
     32-bit precision returns None so the monitor reads torch's TF32 setting itself.
     """
-    from mfumon.errors import ConfigError
-    from mfumon.hardware import normalize_dtype
-
     if precision is None:
         return None
     try:
@@ -67,19 +59,20 @@ class _TrainerLoggers(Logger):
     def __init__(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
         self._base = _steps_done(trainer)  # at the monitor's start
-        self._failed: set[int] = set()
+        self._faults = FaultLog()  # one record per failing Lightning logger
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         # mfumon's step k (1-based, since the monitor started) is the batch Lightning logs at base + k - 1
         lightning_step = self._base + step - 1
         for logger in self._trainer.loggers:
-            if id(logger) in self._failed:
+            kind = f"logger {id(logger)}"
+            if self._faults.seen(kind):
                 continue
             try:
                 logger.log_metrics(dict(metrics), step=lightning_step)
             except Exception as exc:  # one broken logger must not silence the others
-                self._failed.add(id(logger))
-                _log.warning(
+                self._faults.report(
+                    kind,
                     "mfumon: Lightning logger %s raised in log_metrics (%s: %s); it gets no more mfumon "
                     "metrics, training goes on",
                     type(logger).__name__,
@@ -88,7 +81,7 @@ class _TrainerLoggers(Logger):
                 )
 
 
-class MFUCallback(_Callback):
+class MFUCallback(CallbackOptions, _Callback):
     """Lightning callback logging mfumon's metrics (`mfumon/mfu`, ...) to every logger of the Trainer.
 
     It takes from the Trainer: the LightningModule (FLOPs per token), `trainer.precision`
@@ -112,48 +105,13 @@ class MFUCallback(_Callback):
         flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.
     """
 
-    def __init__(
-        self,
-        *,
-        seq_len: int | None = None,
-        tokens_per_batch: int | None = None,
-        tokens_fn: Callable[[Any], Tokens] | None = None,
-        log_every: int | None = None,
-        warmup: int = 5,
-        peak_tflops: float | None = None,
-        dtype: str | torch.dtype | None = None,
-        loggers: LoggerSpec = (),
-        run_name: str | None = None,
-        log_dir: str | os.PathLike[str] = "runs",
-        flops_per_token: int | None = None,
-        causal: bool = True,
-        convention: str = "mfumon",
-        measure_ceiling: bool = False,
-        recompute: Any = "auto",
-    ) -> None:
+    def __post_init__(self) -> None:
         if _IMPORT_ERROR is not None:
             raise MissingDependencyError(
                 "MFUCallback for Lightning needs lightning: pip install 'mfumon[lightning]'"
             ) from None
-        super().__init__()
-        self.options = CallbackOptions(
-            seq_len=seq_len,
-            tokens_per_batch=tokens_per_batch,
-            tokens_fn=tokens_fn,
-            log_every=log_every,
-            warmup=warmup,
-            peak_tflops=peak_tflops,
-            dtype=dtype,
-            loggers=as_tuple(loggers),
-            run_name=run_name,
-            log_dir=log_dir,
-            flops_per_token=flops_per_token,
-            causal=causal,
-            convention=convention,
-            measure_ceiling=measure_ceiling,
-            recompute=recompute,
-        )
-        self._core = CallbackCore(self.options, "MFUCallback (Lightning)")
+        super().__post_init__()  # checks every argument
+        self._core = CallbackCore(self, "MFUCallback (Lightning)")
         self._seen_step = 0
 
     @property

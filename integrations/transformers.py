@@ -7,18 +7,15 @@ trainer = Trainer(model, args, train_dataset=ds, callbacks=[MFUCallback()])
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import torch
-from mfumon.integrations._common import CallbackCore, CallbackOptions, LoggerSpec, Tokens, as_tuple
 from torch import nn
 
-from mfumon.errors import MissingDependencyError
+from mfumon.errors import MissingDependencyError, log
+from mfumon.integrations._common import CallbackCore, CallbackOptions
 from mfumon.loggers import Logger
 
 try:
@@ -35,7 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MFUCallback"]
 
-_log = logging.getLogger("mfumon")
 DEFAULT_LOG_EVERY = 10  # when the Trainer does not log by steps
 
 
@@ -58,7 +54,7 @@ def _counts_tokens(args: TrainingArguments) -> bool:
     return value not in ("no", False, None)
 
 
-class _Pending(Logger):
+class _HeldMetrics(Logger):
     """Holds each window's metrics until the Trainer's next `log` call carries them (rank 0 only)."""
 
     def __init__(self) -> None:
@@ -93,7 +89,7 @@ def _move_before_reporters(callback: Any) -> bool:
     return True
 
 
-class MFUCallback(_Callback):
+class MFUCallback(CallbackOptions, _Callback):
     """HF Trainer callback adding mfumon's metrics (`mfumon/mfu`, ...) to the Trainer's logs.
 
     The keys go into the `logs` of the Trainer's log calls, so they land in `state.log_history`
@@ -120,48 +116,14 @@ class MFUCallback(_Callback):
         flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.
     """
 
-    def __init__(
-        self,
-        *,
-        seq_len: int | None = None,
-        tokens_per_batch: int | None = None,
-        tokens_fn: Callable[[Any], Tokens] | None = None,
-        log_every: int | None = None,
-        warmup: int = 5,
-        peak_tflops: float | None = None,
-        dtype: str | torch.dtype | None = None,
-        loggers: LoggerSpec = (),
-        run_name: str | None = None,
-        log_dir: str | os.PathLike[str] = "runs",
-        flops_per_token: int | None = None,
-        causal: bool = True,
-        convention: str = "mfumon",
-        measure_ceiling: bool = False,
-        recompute: Any = "auto",
-    ) -> None:
+    def __post_init__(self) -> None:
         if _MISSING:
             raise MissingDependencyError(
                 "MFUCallback for the HF Trainer needs transformers: pip install 'mfumon[transformers]'"
             ) from None
-        self.options = CallbackOptions(
-            seq_len=seq_len,
-            tokens_per_batch=tokens_per_batch,
-            tokens_fn=tokens_fn,
-            log_every=log_every,
-            warmup=warmup,
-            peak_tflops=peak_tflops,
-            dtype=dtype,
-            loggers=as_tuple(loggers),
-            run_name=run_name,
-            log_dir=log_dir,
-            flops_per_token=flops_per_token,
-            causal=causal,
-            convention=convention,
-            measure_ceiling=measure_ceiling,
-            recompute=recompute,
-        )
-        self._core = CallbackCore(self.options, "MFUCallback (transformers)")
-        self._pending = _Pending()
+        super().__post_init__()  # checks every argument
+        self._core = CallbackCore(self, "MFUCallback (transformers)")
+        self._held = _HeldMetrics()
         self._hook: Any = None
         self._args: Any = None
         self._log_every = DEFAULT_LOG_EVERY
@@ -187,20 +149,20 @@ class MFUCallback(_Callback):
         try:
             core.reset()
             self._remove_hook()
-            self._pending.metrics = {}
+            self._held.metrics = {}
             self._args = args
             self._steps = 0
             self._from_state = False
             self._seen_tokens = state.num_input_tokens_seen
             strategy = getattr(args, "logging_strategy", None)
             by_steps = getattr(strategy, "value", strategy) == "steps"
-            self._log_every = self.options.log_every or (
+            self._log_every = self.log_every or (
                 int(state.logging_steps) if by_steps and state.logging_steps else DEFAULT_LOG_EVERY
             )
             if model is None:
                 raise ValueError("the Trainer passed no model to on_train_begin")
             if not _move_before_reporters(self):
-                _log.warning(
+                log.warning(
                     "mfumon: could not place MFUCallback before the Trainer's report_to callbacks; the "
                     "mfumon keys reach state.log_history and later callbacks only"
                 )
@@ -223,7 +185,7 @@ class MFUCallback(_Callback):
                     kwargs,
                     log_every=self._log_every,
                     dtype=args_dtype(self._args),
-                    sink=self._pending,
+                    sink=self._held,
                     tokens_elsewhere=_counts_tokens(self._args),
                 )
                 if built is None:
@@ -278,10 +240,10 @@ class MFUCallback(_Callback):
         **kwargs: Any,
     ) -> None:
         try:
-            metrics = self._pending.metrics
+            metrics = self._held.metrics
             if not metrics or logs is None or self._core.off:
                 return
-            self._pending.metrics = {}
+            self._held.metrics = {}
             logs.update(metrics)  # the report_to callbacks after us read this dict
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(metrics)  # the Trainer stored a copy before calling us
@@ -315,9 +277,9 @@ class MFUCallback(_Callback):
         try:
             self._remove_hook()
             self._core.close()
-            if self._pending.metrics and not self._core.off:  # stopped early: no Trainer log came after
-                state.log_history.append({**self._pending.metrics, "step": state.global_step})
-                self._pending.metrics = {}
+            if self._held.metrics and not self._core.off:  # stopped early: no Trainer log came after
+                state.log_history.append({**self._held.metrics, "step": state.global_step})
+                self._held.metrics = {}
         except Exception as exc:
             self._core.fault("on_train_end", exc)
 

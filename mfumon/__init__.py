@@ -6,13 +6,15 @@ Importing mfumon imports torch and nothing of a training framework; integrations
 
 from __future__ import annotations
 
+from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning, MissingDependencyError
-from mfumon.flops import CONVENTIONS, FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
+from mfumon.flops import CONVENTIONS, FlopBreakdown, flop_breakdown, flops_per_token
 from mfumon.hardware import peak_flops
 from mfumon.loggers import Logger
+from mfumon.measure import measure_flops
 from mfumon.metrics import METRIC_KEYS
 from mfumon.monitor import Monitor, monitor
-from mfumon.params import AttentionShape, ParamCounts, count_params, register_moe
+from mfumon.params import ParamCounts, count_params, register_moe
 
 __version__ = "0.1.0"
 

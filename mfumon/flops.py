@@ -1,4 +1,4 @@
-"""Training FLOPs per token from the live model, under a named convention, and exact counting.
+"""Training FLOPs per token from the live model, under a named convention: every FLOP formula.
 
 Conventions (``convention=``), all per token of training (forward + backward = 3 x forward):
 
@@ -16,40 +16,52 @@ Conventions (``convention=``), all per token of training (forward + backward = 3
   3 FLOPs per score (x3 for training: 9 x heads x s per layer); norms and biases are not counted.
 
 ``FlopBreakdown.recompute`` (HFU only) is the forward, under the same convention, of each module
-activation checkpointing re-runs (see :mod:`mfumon.recompute`).
+activation checkpointing re-runs: :mod:`mfumon.recompute` says which modules re-run, this module
+counts them. Exact counting of an executed step is :func:`mfumon.measure.measure_flops`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
+from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import nn
 
-from mfumon.errors import ConfigError, ConfigTypeError
-from mfumon.params import (
-    HEADS_ATTRS,
-    QK_DIM_ATTRS,
-    AttentionShape,
-    MoELayer,
-    ParamCounts,
-    _attention_shape,
-    _explicit_registrations,
-    _find_moe,
-    _Layout,
-    _layout,
-    _module_int,
-    _named_modules,
-    _numel,
-    _shape,
-)
+from mfumon._structure import AttentionShape
+from mfumon._walk import named_modules
+from mfumon.errors import ConfigError, ConfigTypeError, check_int
+from mfumon.params import Layout, layout, region_layout
+from mfumon.recompute import ATTENTION, MATMUL, check_recompute, reruns
 
-__all__ = ["CONVENTIONS", "FlopBreakdown", "flop_breakdown", "flops_per_token", "measure_flops"]
+__all__ = [
+    "CONVENTIONS",
+    "FlopBreakdown",
+    "attention_training_flops",
+    "causal_keys",
+    "flop_breakdown",
+    "flops_per_token",
+    "forward_flops",
+    "full_keys",
+    "grouped_mm_flops",
+    "matmul_flops",
+    "matmul_training_flops",
+    "sdpa_backward_flops",
+    "sdpa_forward_flops",
+    "softmax_training_flops",
+]
 
 CONVENTIONS = ("mfumon", "6N", "palm", "chinchilla")
-_EMPTY = _Layout(ParamCounts(0, 0, 0, 0, 0), 0, 0, 0, 0, 0, 0, (), ())  # a region without parameters
+
+# FlopBreakdown fields a checkpointed region re-runs unless its selective policy keeps the category;
+# `other` (norms, biases) is always re-run.
+_RERUN_FIELDS = {
+    MATMUL: ("attn_proj", "mlp", "router", "lm_head", "embedding"),
+    ATTENTION: ("attn_scores", "softmax"),
+}
+_ALWAYS_RERUN = ("other",)
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,10 @@ class FlopBreakdown:
 # --- formulas: one per line, everything else composes them -----------------------------------
 
 
+def matmul_flops(m: int, k: int, n: int) -> int:
+    return 2 * m * k * n  # (m x k) @ (k x n): one multiply and one add per term
+
+
 def matmul_training_flops(weights: int) -> int:
     return 6 * weights  # 2 forward + 4 backward per weight per token (Kaplan et al. 2020, sec. 2.1)
 
@@ -90,6 +106,28 @@ def attention_training_flops(keys: int, heads: int, qk_head_dim: int, v_head_dim
 
 def softmax_training_flops(keys: int, heads: int) -> int:
     return 9 * keys * heads  # 3 per score forward, backward 2x forward (Hoffmann et al. 2022, App. F)
+
+
+def forward_flops(training_flops: int) -> int:
+    return (2 * training_flops + 3) // 6  # training = 3 x forward (backward 2x forward), rounded half up
+
+
+def sdpa_forward_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
+    """Forward FLOPs of one attention kernel call, every score counted (masked ones too)."""
+    b, heads, s_q, d_qk = q_shape  # (B, hq, sq, dqk); K (B, hkv, sk, dqk); V (B, hkv, sk, dv)
+    return 2 * b * heads * s_q * k_shape[2] * (d_qk + v_shape[3])  # Q@K^T + A@V
+
+
+def sdpa_backward_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
+    """Backward FLOPs of one attention kernel call: dQ, dK from dScores; dV, dScores from dOut."""
+    return 2 * sdpa_forward_flops(q_shape, k_shape, v_shape)  # 2x forward
+
+
+def grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
+    """FLOPs of one ``_grouped_mm`` call: 2-D x 3-D / 3-D x 2-D / 2-D x 2-D split M, N or K into groups."""
+    m, k, n = a_shape[-2] if len(a_shape) > 1 else 1, a_shape[-1], b_shape[-1]
+    groups = a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1  # 3-D x 3-D is a batched mm
+    return groups * matmul_flops(m, k, n)
 
 
 def causal_keys(seq_len: int, window: int | None) -> int:
@@ -133,9 +171,7 @@ def flop_breakdown(
             (found on the model, see :mod:`mfumon.recompute`), "none", a fraction in [0, 1] of the
             model's forward FLOPs, or the checkpointed modules (each re-runs its forward once).
     """
-    from mfumon.recompute import check_recompute, recompute_flops  # recompute imports this module
-
-    _check_seq_len(seq_len)
+    seq_len = check_int("seq_len", seq_len, "tokens per sequence")
     if not isinstance(causal, bool):
         raise ConfigTypeError(f"causal must be True or False, got {causal!r}")
     if convention not in CONVENTIONS:
@@ -146,26 +182,42 @@ def flop_breakdown(
         raise ConfigError(f"doc_lengths applies to convention='mfumon' only, not {convention!r}")
     docs = _check_docs(doc_lengths, seq_len)
     spec = check_recompute(recompute)
-    layout = _layout(model, experts=experts, top_k=top_k)
-    layers = tuple(attention) if attention is not None else layout.attention
+    whole = layout(model, experts=experts, top_k=top_k)
+    layers = tuple(attention) if attention is not None else whole.attention
     if attention is not None and not all(isinstance(a, AttentionShape) for a in layers):
         raise ConfigTypeError("attention= takes a sequence of mfumon.AttentionShape, one per attention layer")
-    base = _components(layout, layers, seq_len, causal=causal, convention=convention, docs=docs)
+    base = _components(whole, layers, seq_len, causal=causal, convention=convention, docs=docs)
     if spec == "none":
         return base
+    if isinstance(spec, float):  # a fraction of the model's forward
+        return replace(base, recompute=round(spec * forward_flops(base.total)))
 
-    def subtree(module: nn.Module, path: str) -> FlopBreakdown:
-        """The same count restricted to one module and its submodules (a checkpointed region)."""
-        sub, sub_layers = _subtree_layout(model, module, path, layout, experts=experts, top_k=top_k)
+    def region(module: nn.Module, path: str, saves: frozenset[str]) -> int:
+        """Training FLOPs per token of one module's subtree that re-run, less what `saves` keeps."""
+        sub, sub_layers = region_layout(model, module, path, whole, experts=experts, top_k=top_k)
         if attention is not None:
             sub_layers = ()  # user-given shapes belong to no module: the region's attention is not known
-        return _components(sub, sub_layers, seq_len, causal=causal, convention=convention, docs=docs)
+        flops = _components(sub, sub_layers, seq_len, causal=causal, convention=convention, docs=docs)
+        kept = {name for category in saves for name in _RERUN_FIELDS[category]}
+        rerun_fields = [n for names in _RERUN_FIELDS.values() for n in names if n not in kept]
+        return sum(getattr(flops, n) for n in (*rerun_fields, *_ALWAYS_RERUN))
 
-    return replace(base, recompute=recompute_flops(model, spec, total=base.total, subtree_flops=subtree))
+    by_path = dict(named_modules(model))
+    extra = Fraction(0)
+    for rerun in reruns(model, spec):  # what re-runs, per training forward (see mfumon.recompute)
+        module = by_path[rerun.path]
+        training = region(module, rerun.path, rerun.saves)
+        if rerun.own:  # less its submodules: what runs in its own forward (attention, own weights)
+            for name, child in module._modules.items():
+                if child is not None:
+                    path = f"{rerun.path}.{name}" if rerun.path else name
+                    training -= region(child, path, rerun.saves)
+        extra += rerun.times * forward_flops(max(training, 0))
+    return replace(base, recompute=round(extra))
 
 
 def _components(
-    layout: _Layout,
+    layout: Layout,
     layers: Sequence[AttentionShape],
     seq_len: int,
     *,
@@ -227,86 +279,7 @@ def flops_per_token(
     ).total
 
 
-def measure_flops(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-) -> int:
-    """FLOPs of one training step (forward + backward, no optimizer) counted by FlopCounterMode.
-
-    Run it once, outside the training loop, on CPU (or meta for models without data-dependent
-    routing). `example_inputs` is a dict of keyword arguments, a tuple of positional ones or one
-    tensor. The loss is ``output.loss`` when the model returns one, else ``loss_fn(output)``, else
-    the sum of the output (or of its ``logits``). What is counted is what the dispatcher runs:
-    matmuls and attention kernels, every score of a causal or masked kernel included. Two kernels
-    PyTorch's table lacks are counted here the same way: the CPU flash-attention kernel (what SDPA
-    runs on CPU) and ``_grouped_mm`` (transformers 5 MoE experts). Elementwise
-    work (norms, bias adds, softmax, activations) counts 0. The model is put in train mode for the
-    step and its previous mode and gradients are restored.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    if not isinstance(model, nn.Module):
-        raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    was_training = model.training
-    grads = [(p, p.grad) for p in model.parameters()]
-    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
-    try:
-        model.train()
-        with counter:
-            output = _call(model, example_inputs)
-            _loss(output, loss_fn).backward()
-    finally:
-        model.train(was_training)
-        for p, grad in grads:
-            p.grad = grad
-    return int(counter.get_total_flops())
-
-
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _subtree_layout(
-    model: nn.Module, module: nn.Module, path: str, root: _Layout, *, experts: Any, top_k: int | None
-) -> tuple[_Layout, tuple[AttentionShape, ...]]:
-    """The layout of one region of the model (a checkpointed module), MoE layers as in the whole model.
-
-    MoE blocks inside the region are read with the top_k found for them in the whole model; a region
-    inside an MoE block (an expert, the expert container) counts its routed parameters at top_k / E.
-    """
-    inside = {m.top_k for m in root.moe if _within(m.path, path)}
-    k = top_k or (inside.pop() if len(inside) == 1 else None)
-    own_shape = _attention_shape(module) if _module_int(module, HEADS_ATTRS + QK_DIM_ATTRS) else None
-    if next(iter(module.parameters()), None) is None:  # e.g. a parameter-free "core attention" module
-        return _EMPTY, (own_shape,) if own_shape else ()
-    sub = _layout(module, experts=experts, top_k=k)
-    layers = sub.attention or ((own_shape,) if own_shape else ())  # the walk skips its root module
-    for block in root.moe:
-        if path.startswith(block.path + "."):
-            sub = _scale_routed(sub, module, model.get_submodule(block.path), block, experts)
-    return sub, layers
-
-
-def _within(inner: str, outer: str) -> bool:
-    return outer == "" or inner == outer or inner.startswith(outer + ".")
-
-
-def _scale_routed(
-    sub: _Layout, module: nn.Module, owner: nn.Module, block: MoELayer, experts: Any
-) -> _Layout:
-    """`sub` (the layout of `module`, inside MoE block `owner`) with its routed experts at top_k / E."""
-    explicit = _explicit_registrations(experts, block.top_k)
-    _, routed, _ = _find_moe(owner, _named_modules(owner), explicit, block.top_k)
-    k, e = block.top_k, block.num_experts
-    drop = {"mlp": 0, "vector": 0}
-    for p in {id(p): p for p in module.parameters()}.values():
-        if id(p) in routed:
-            n = _numel(p)
-            drop["vector" if len(_shape(p)) < 2 else "mlp"] += n - n * k // e  # where the walk put it
-    return replace(
-        sub, mlp_weights=sub.mlp_weights - drop["mlp"], vector_params=sub.vector_params - drop["vector"]
-    )
 
 
 def _dims(a: AttentionShape) -> tuple[int, int, int]:
@@ -315,13 +288,6 @@ def _dims(a: AttentionShape) -> tuple[int, int, int]:
 
 def _per_token(flops: int, tokens: int) -> int:
     return (2 * flops + tokens) // (2 * tokens)  # round half up, in integers
-
-
-def _check_seq_len(seq_len: object) -> None:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
-        raise ConfigTypeError(f"seq_len must be an int (tokens per sequence), got {seq_len!r}")
-    if seq_len < 1:
-        raise ConfigError(f"seq_len must be a positive int (tokens per sequence), got {seq_len!r}")
 
 
 def _check_docs(doc_lengths: Iterable[int] | None, seq_len: int) -> list[int]:
@@ -337,65 +303,3 @@ def _check_docs(doc_lengths: Iterable[int] | None, seq_len: int) -> list[int]:
             f"got {bad[:3] if bad else docs!r}"
         )
     return docs
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
-    loss = getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return loss
-    if loss_fn is not None:
-        return loss_fn(output)
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits.sum()
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0].sum()
-    if isinstance(output, torch.Tensor):
-        return output.sum()
-    raise ConfigTypeError(
-        f"cannot find a loss in {type(output).__name__}; pass measure_flops(..., loss_fn=...)"
-    )
-
-
-def _sdpa_fwd_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
-    b, heads, s_q, d_qk = q_shape  # (B, hq, sq, dqk); K (B, hkv, sk, dqk); V (B, hkv, sk, dv)
-    return 2 * b * heads * s_q * k_shape[2] * (d_qk + v_shape[3])  # Q@K^T + A@V, every score counted
-
-
-def _grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
-    m, k, n = a_shape[-2] if len(a_shape) > 1 else 1, a_shape[-1], b_shape[-1]
-    groups = a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1  # 3-D x 3-D is a batched mm
-    return 2 * groups * m * k * n  # 2-D x 3-D / 3-D x 2-D / 2-D x 2-D: the groups split M, N or K
-
-
-def _extra_formulas() -> dict[Any, Any]:
-    """Formulas for kernels FlopCounterMode leaves uncounted: CPU flash attention, grouped mm."""
-    aten = torch.ops.aten
-    found: dict[Any, Any] = {}
-
-    def attention(q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
-        return _sdpa_fwd_flops(q, k, v)
-
-    def attention_backward(grad_out: Any, q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
-        return 2 * _sdpa_fwd_flops(q, k, v)  # dQ, dK from dScores; dV, dScores from dOut: 2x forward
-
-    def grouped_mm(a: Any, b: Any, *_args: Any, **_kwargs: Any) -> int:
-        return _grouped_mm_flops(a, b)  # its backward runs _grouped_mm again, counted the same way
-
-    for name, formula in (
-        ("_scaled_dot_product_flash_attention_for_cpu", attention),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", attention_backward),
-        ("_grouped_mm", grouped_mm),
-    ):
-        op = getattr(aten, name, None)
-        if op is not None:
-            found[op] = formula
-    return found

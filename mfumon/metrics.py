@@ -8,7 +8,10 @@ at the boundary to the loggers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from mfumon.timing import StepRecord
 
 __all__ = [
     "HFU",
@@ -24,6 +27,7 @@ __all__ = [
     "TOKENS_PER_S_PER_DEVICE",
     "Window",
     "combine_ranks",
+    "split_windows",
     "window_metrics",
 ]
 
@@ -129,3 +133,30 @@ def combine_ranks(windows: list[Window], world_size: int) -> Window:
     return Window(
         steps, per_step_sum("tokens"), per_step_sum("model_flops"), per_step_sum("hardware_flops"), seconds
     )
+
+
+def split_windows(
+    records: Iterable[StepRecord], *, warmup: int, flops_per_token: int, hw_flops_per_token: int
+) -> tuple[Window, Window, list[StepRecord]]:
+    """One rank's warm-up and measured windows from resolved steps, and the records with odd timings.
+
+    Steps that started while paused (no time) belong to neither; a step with a non-positive or
+    non-finite time, or with a negative or non-finite token count, is left out and returned.
+    """
+    sums = [[0, 0.0, 0.0], [0, 0.0, 0.0]]  # [steps, tokens, seconds] for warm-up, measured
+    odd: list[StepRecord] = []
+    for record in records:
+        index, seconds, tokens = record
+        if seconds is None:
+            continue  # started while paused: not timed
+        if not (seconds > 0.0 and math.isfinite(seconds)) or not (tokens >= 0 and math.isfinite(tokens)):
+            odd.append(record)
+            continue
+        acc = sums[index > warmup]
+        acc[0] += 1
+        acc[1] += tokens
+        acc[2] += seconds
+    warm, meas = (
+        Window(int(n), tok, tok * flops_per_token, tok * hw_flops_per_token, sec) for n, tok, sec in sums
+    )
+    return warm, meas, odd

@@ -30,7 +30,9 @@ class StepRecord(NamedTuple):
     tokens: float
 
 
-class _Pending:
+class _Recorded:
+    """One recorded step, waiting for the device to finish it."""
+
     __slots__ = ("end", "index", "start", "tokens")
 
     def __init__(self, index: int, start: Any, end: Any, tokens: Any) -> None:
@@ -49,7 +51,7 @@ class StepTimer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[_Recorded] = deque()
         self._last: Any = None  # mark the next step starts from; None while paused
         self._free_events: list[torch.cuda.Event] = []
         self._free_slots: list[torch.Tensor] = []
@@ -94,7 +96,7 @@ class StepTimer:
         if isinstance(tokens, torch.Tensor):
             tokens = self._stage(tokens)
         end = self._mark()
-        self._pending.append(_Pending(index, self._last, end, tokens))
+        self._pending.append(_Recorded(index, self._last, end, tokens))
         self._last = end
 
     def _stage(self, tokens: torch.Tensor) -> Any:

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
+
+from mfumon.devices import faults
+from mfumon.hardware import ENV_PEAK_TFLOPS
 
 
 class TinyLM(nn.Module):
@@ -50,6 +54,16 @@ def mfumon_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def mfumon_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The captured records of the `mfumon` logger."""
     return [r for r in caplog.records if r.name == "mfumon"]
+
+
+@pytest.fixture
+def fresh_device_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No device or peak from the environment, and device faults not yet reported in this process."""
+    for var in ("CUDA_VISIBLE_DEVICES", ENV_PEAK_TFLOPS):
+        monkeypatch.delenv(var, raising=False)
+    faults.clear()  # "reported once" is per process; each test starts fresh
+    yield
+    faults.clear()
 
 
 @pytest.fixture(autouse=True)

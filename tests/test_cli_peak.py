@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 
 import pytest
 import torch
 
-from mfumon import hardware
 from mfumon._peaks import DTYPES, PEAKS
 from mfumon.cli import peak
 from tests.test_hardware import a100_with_mig, gpus
@@ -16,13 +14,7 @@ from tests.test_hardware import a100_with_mig, gpus
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("CUDA_VISIBLE_DEVICES", hardware.ENV_PEAK_TFLOPS):
-        monkeypatch.delenv(var, raising=False)
-    hardware._reported.clear()
-    yield
-    hardware._reported.clear()
+pytestmark = pytest.mark.usefixtures("fresh_device_state")
 
 
 def parse(*argv: str) -> argparse.Namespace:

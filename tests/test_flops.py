@@ -19,16 +19,11 @@ import pytest
 import torch
 from torch import nn
 
+from mfumon import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError
-from mfumon.flops import (
-    FlopBreakdown,
-    causal_keys,
-    flop_breakdown,
-    flops_per_token,
-    full_keys,
-    measure_flops,
-)
-from mfumon.params import AttentionShape, count_params
+from mfumon.flops import FlopBreakdown, causal_keys, flop_breakdown, flops_per_token, full_keys
+from mfumon.measure import measure_flops
+from mfumon.params import count_params
 from tests.tiny_models import (
     EAGER_ONLY,
     HIDDEN,
@@ -73,9 +68,9 @@ def test_keys_attended() -> None:
 )
 def test_attention_shapes(model_type: str, shapes: list[AttentionShape]) -> None:
     pytest.importorskip("transformers")
-    from mfumon.params import _layout
+    from mfumon.params import layout
 
-    assert list(_layout(hf_model(model_type)).attention) == shapes
+    assert list(layout(hf_model(model_type)).attention) == shapes
 
 
 @pytest.mark.transformers

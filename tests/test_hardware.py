@@ -13,25 +13,17 @@ import torch
 from torch import nn
 
 from mfumon import hardware
+from mfumon.devices import device_name, identify_device
+from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
-from mfumon.hardware import (
-    PeakInfo,
-    device_name,
-    identify_device,
-    matmul_dtype,
-    measure_peak_flops,
-    normalize_dtype,
-    peak_flops,
-    peak_override_flops,
-    resolve_peak,
-)
+from mfumon.hardware import PeakInfo, measure_peak_flops, peak_flops, peak_override_flops, resolve_peak
 
 T = 1e12
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 
 
 # --------------------------------------------------------------------------------------------
-# The one stand-in: an NVML module with the calls hardware.py makes, returning real driver strings.
+# The one stand-in: an NVML module with the calls mfumon.devices makes, returning real driver strings.
 # --------------------------------------------------------------------------------------------
 
 
@@ -49,7 +41,7 @@ class Handle:
 
 @dataclass
 class FakeNVML:
-    """pynvml's surface as hardware.py uses it, over a list of physical GPUs (and MIG slices)."""
+    """pynvml's surface as mfumon.devices uses it, over a list of physical GPUs (and MIG slices)."""
 
     gpus: list[Handle]
     migs: list[Handle] = field(default_factory=list)
@@ -110,13 +102,7 @@ def a100_with_mig(sms: int = 14, parent: str = "NVIDIA A100-SXM4-40GB") -> FakeN
     return FakeNVML([full], migs=[mig])
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("CUDA_VISIBLE_DEVICES", hardware.ENV_PEAK_TFLOPS):
-        monkeypatch.delenv(var, raising=False)
-    hardware._reported.clear()  # "reported once" is per process; each test starts fresh
-    yield
-    hardware._reported.clear()
+pytestmark = pytest.mark.usefixtures("fresh_device_state")
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +401,12 @@ def test_measure_needs_cuda() -> None:
 
 
 def test_measure_rejects_bad_sizes() -> None:
-    with pytest.raises(ConfigError, match="size and iters must be positive"):
+    with pytest.raises(ConfigError, match="size must be an int >= 1"):
         measure_peak_flops("bf16", size=0)
+    with pytest.raises(ConfigError, match="iters must be an int >= 1"):
+        measure_peak_flops("bf16", iters=0)
+    with pytest.raises(ConfigError, match="warmup must be an int >= 0"):
+        measure_peak_flops("bf16", warmup=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

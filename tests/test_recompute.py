@@ -36,7 +36,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import mfumon
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
-from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token, measure_flops
+from mfumon.flops import FlopBreakdown, flop_breakdown, flops_per_token
+from mfumon.measure import measure_flops
 from mfumon.params import count_params
 from mfumon.recompute import (
     Checkpointed,
@@ -613,3 +614,22 @@ def test_monitor_passes_doc_lengths_to_the_attention_term() -> None:
     mon = mfumon.Monitor(model, seq_len=S, doc_lengths=docs, loggers=(), peak_tflops=1.0)
     assert mon.flops_per_token == flops_per_token(model, S, doc_lengths=docs)
     assert mon.flops_per_token < flops_per_token(model, S)  # shorter documents attend fewer keys
+
+
+def test_hidden_checkpointing_warning_points_at_the_caller() -> None:
+    with pytest.warns(MfumonWarning, match="cannot see what activation checkpointing") as caught:
+        flop_breakdown(CheckpointsInside(), S)
+    assert caught[0].filename == __file__  # stacklevel reaches past flop_breakdown to its caller
+
+
+def test_a_monitor_that_fails_setup_leaves_no_hooks_on_the_model() -> None:
+    model = dense_lm()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    for bad in ({"dtype": "fp12"}, {"peak_tflops": -1.0}, {"loggers": ("nope",)}):
+        with pytest.raises(ConfigError):
+            mfumon.Monitor(model, seq_len=S, **bad)
+    assert [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks] == []
+    mon = mfumon.Monitor(model, seq_len=S, loggers=(), peak_tflops=1.0)  # a good one hooks the regions
+    assert any(m._forward_pre_hooks for m in model.modules())
+    mon.close()
+    assert [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks] == []

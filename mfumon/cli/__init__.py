@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mfumon.cli import estimate, peak
 from mfumon.errors import MfumonError
 
 __all__ = ["build_parser", "main"]
@@ -13,8 +14,6 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    from mfumon.cli import estimate, peak
-
     parser = argparse.ArgumentParser(
         prog="mfumon", description="MFU, FLOPs and device peaks for transformer training."
     )

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from mfumon._peaks import DTYPES, PEAKS, DevicePeak, lookup
+from mfumon.devices import identify_device
+from mfumon.dtypes import normalize_dtype
 from mfumon.errors import ConfigError
-from mfumon.hardware import ENV_PEAK_TFLOPS, TERA, identify_device, measure_peak_flops, normalize_dtype
+from mfumon.hardware import ENV_PEAK_TFLOPS, TERA, measure_peak_flops
 
 __all__ = ["add_parser", "run"]
 

@@ -22,6 +22,7 @@ from tests.procs import deadline, run
 L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.loggers import Logger as LightningLogger  # noqa: E402
+
 from mfumon.integrations.lightning import MFUCallback  # noqa: E402
 
 SEQ, BATCH, VOCAB = 32, 4, 128

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.transformers  # scripts/tf4/run.sh runs them on transfo
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from mfumon.integrations.transformers import MFUCallback  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from mfumon.integrations.transformers import MFUCallback  # noqa: E402
 
 SEQ, PAD, BATCH, VOCAB = 32, 8, 4, 128
 

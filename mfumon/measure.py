@@ -1,0 +1,105 @@
+"""Exact FLOPs of one training step, counted by PyTorch's FlopCounterMode on the executed ops.
+
+The analytic model (`mfumon.flops`) is what the monitor uses live; this is the check against what
+the dispatcher really runs, used once outside the training loop (tests, `mfumon estimate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mfumon.errors import ConfigTypeError
+from mfumon.flops import grouped_mm_flops, sdpa_backward_flops, sdpa_forward_flops
+
+__all__ = ["measure_flops"]
+
+
+def measure_flops(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> int:
+    """FLOPs of one training step (forward + backward, no optimizer) counted by FlopCounterMode.
+
+    Run it once, outside the training loop, on CPU (or meta for models without data-dependent
+    routing). `example_inputs` is a dict of keyword arguments, a tuple of positional ones or one
+    tensor. The loss is ``output.loss`` when the model returns one, else ``loss_fn(output)``, else
+    the sum of the output (or of its ``logits``). What is counted is what the dispatcher runs:
+    matmuls and attention kernels, every score of a causal or masked kernel included. Two kernels
+    PyTorch's table lacks are counted here the same way: the CPU flash-attention kernel (what SDPA
+    runs on CPU) and ``_grouped_mm`` (transformers 5 MoE experts). Elementwise
+    work (norms, bias adds, softmax, activations) counts 0. The model is put in train mode for the
+    step and its previous mode and gradients are restored.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    grads = [(p, p.grad) for p in model.parameters()]
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    try:
+        model.train()
+        with counter:
+            output = _call(model, example_inputs)
+            _loss(output, loss_fn).backward()
+    finally:
+        model.train(was_training)
+        for p, grad in grads:
+            p.grad = grad
+    return int(counter.get_total_flops())
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if loss_fn is not None:
+        return loss_fn(output)
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits.sum()
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0].sum()
+    if isinstance(output, torch.Tensor):
+        return output.sum()
+    raise ConfigTypeError(
+        f"cannot find a loss in {type(output).__name__}; pass measure_flops(..., loss_fn=...)"
+    )
+
+
+def _extra_formulas() -> dict[Any, Any]:
+    """Formulas for kernels FlopCounterMode leaves uncounted: CPU flash attention, grouped mm."""
+    aten = torch.ops.aten
+    found: dict[Any, Any] = {}
+
+    def attention(q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
+        return sdpa_forward_flops(q, k, v)
+
+    def attention_backward(grad_out: Any, q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
+        return sdpa_backward_flops(q, k, v)
+
+    def grouped_mm(a: Any, b: Any, *_args: Any, **_kwargs: Any) -> int:
+        return grouped_mm_flops(a, b)  # its backward runs _grouped_mm again, counted the same way
+
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", attention),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", attention_backward),
+        ("_grouped_mm", grouped_mm),
+    ):
+        op = getattr(aten, name, None)
+        if op is not None:
+            found[op] = formula
+    return found

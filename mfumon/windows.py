@@ -1,0 +1,148 @@
+"""Log time: finished steps -> this rank's windows -> global windows (once) -> metrics -> loggers.
+
+`Windows` is the monitor's log-time half. At each log it resolves the steps the device has
+finished (never waiting, except once at close), splits them into warm-up and measured windows,
+reduces them across ranks, turns them into metrics and sends those to the loggers; it keeps the
+whole-run total for `mfu_avg` and the summary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mfumon import metrics as K
+from mfumon.distributed import Reducer
+from mfumon.errors import FaultLog
+from mfumon.flop_model import FlopModel
+from mfumon.hardware import PeakInfo
+from mfumon.loggers import LoggerSet
+from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, window_metrics
+from mfumon.timing import StepTimer
+
+__all__ = ["Windows"]
+
+
+class Windows:
+    """Window metrics of one run, computed at log time and sent to `loggers`."""
+
+    def __init__(
+        self,
+        *,
+        timer: StepTimer,
+        reducer: Reducer,
+        flops: FlopModel,
+        peak: PeakInfo,
+        warmup: int,
+        log_every: int,
+        device_type: str,
+        faults: FaultLog,
+    ) -> None:
+        self.timer, self.reducer, self.flops, self.peak = timer, reducer, flops, peak
+        self.warmup, self.log_every, self._device_type, self._faults = warmup, log_every, device_type, faults
+        self.loggers = LoggerSet([])  # built by the monitor once the rank is known
+        self.measured_peak_flops: float | None = None
+        self.logged_step = 0
+        self.total = EMPTY_WINDOW  # measured steps of the whole run, all ranks
+        self.metrics: dict[str, float] = {}  # the latest window's
+        self._run_info_sent = False
+
+    def log(self, step: int, *, final: bool = False, emit: bool = True) -> None:
+        """Log the steps finished up to `step`; `final` waits for all (close); never raises."""
+        warm, meas = EMPTY_WINDOW, EMPTY_WINDOW
+        # Every rank reaches each collective below at the same step, whatever fails locally.
+        upto = None
+        if self.reducer.world > 1 and not final:
+            try:
+                finished = self.timer.finished_through(step)
+            except Exception as exc:
+                self._faults.fault("timing", exc)
+                finished = self.logged_step  # resolve nothing new on this round
+            upto = self.reducer.agree(finished)
+        try:
+            warm, meas, odd = split_windows(
+                self.timer.resolve(wait=final, upto=upto),
+                warmup=self.warmup,
+                flops_per_token=self.flops.flops_per_token,
+                hw_flops_per_token=self.flops.hw_flops_per_token,
+            )
+            for index, seconds, tokens in odd:
+                self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
+        except Exception as exc:
+            self._faults.fault("timing", exc)
+        warm, meas = self.reducer.reduce(warm, meas)
+        self.logged_step = step
+        try:
+            self._emit(warm, meas, step, emit=emit)
+        except Exception as exc:
+            self._faults.fault("metrics", exc)
+
+    def _emit(self, warm: Window, meas: Window, step: int, *, emit: bool) -> None:
+        if not emit:  # steps carried over to close(): totals only, no second window at this step
+            self.total += meas
+            return
+        if not self._run_info_sent and (meas.steps or warm.steps):
+            self._run_info_sent = True
+            self.loggers.call("log_run_info", self.run_info())
+        world, peak = self.reducer.world, self.peak.flops
+        if meas.steps:
+            self.total += meas
+            out = window_metrics(
+                meas, world_size=world, peak_flops=peak, measured_peak_flops=self.measured_peak_flops
+            )
+            total_mfu = window_metrics(self.total, world_size=world, peak_flops=peak).get(K.MFU)
+            if total_mfu is not None:
+                out[K.MFU_AVG] = total_mfu
+            self.metrics = out
+            self.loggers.call("log", dict(out), step)
+        elif warm.steps:
+            out = window_metrics(warm, world_size=world, peak_flops=peak)
+            self.loggers.call("log_warmup", out, step, self.warmup)
+
+    @property
+    def device_name(self) -> str:
+        """The device's name as looked up (NVML / ROCm), or the torch device type."""
+        return self.peak.device or self._device_type
+
+    def summary(self, last_step: int) -> dict[str, Any]:
+        """Whole-run metrics over all timed steps after warm-up, plus run facts."""
+        world = self.reducer.world
+        out: dict[str, Any] = dict(window_metrics(self.total, world_size=world, peak_flops=self.peak.flops))
+        if K.MFU in out:
+            out[K.MFU_AVG] = out[K.MFU]
+        out.update(
+            steps=self.total.steps,
+            tokens=self.total.tokens,
+            seconds=self.total.seconds,
+            last_step=last_step,
+            warmup_steps=self.warmup,
+            world_size=world,
+            device=self.device_name,
+            peak_dtype=self.peak.dtype,
+            flops_per_token=self.flops.flops_per_token,
+            hw_flops_per_token=self.flops.hw_flops_per_token,
+        )
+        return out
+
+    def run_info(self) -> dict[str, Any]:
+        """Facts about the run sent to loggers once (device, dtype, peak, FLOPs, parameters)."""
+        info: dict[str, Any] = {
+            "device": self.device_name,
+            "peak_dtype": self.peak.dtype,
+            "peak_tflops": self.peak.tflops,
+            "peak_source": self.peak.source,
+            "world_size": self.reducer.world,
+            "seq_len": self.flops.seq_len,
+            "flops_per_token": self.flops.flops_per_token,
+            "hw_flops_per_token": self.flops.hw_flops_per_token,
+            "warmup": self.warmup,
+            "log_every": self.log_every,
+        }
+        if self.measured_peak_flops is not None:
+            info["measured_peak_tflops"] = self.measured_peak_flops / 1e12
+        try:
+            counts = self.flops.params()
+            if counts is not None:
+                info.update(params_total=counts.total, params_active=counts.active)
+        except Exception as exc:
+            self._faults.fault("params", exc)
+        return info

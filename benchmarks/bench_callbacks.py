@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
-from mfumon.integrations.lightning import MFUCallback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import mfumon
+from mfumon.integrations.lightning import MFUCallback
 
 
 class RandomTokens(Dataset):

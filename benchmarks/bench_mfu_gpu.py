@@ -46,8 +46,15 @@ def run(ckpt: bool, steps: int, batch: int, seq: int, tmp: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    mon = mfumon.Monitor(model, seq_len=seq, loggers=("stdout", "jsonl"), log_every=10, warmup=5,
-                         log_dir=tmp, run_name=f"gpt2-ckpt{int(ckpt)}")
+    mon = mfumon.Monitor(
+        model,
+        seq_len=seq,
+        loggers=("stdout", "jsonl"),
+        log_every=10,
+        warmup=5,
+        log_dir=tmp,
+        run_name=f"gpt2-ckpt{int(ckpt)}",
+    )
     mon.start()
     for _ in range(5):  # warm-up, also inside the monitor's warm-up
         train_step()

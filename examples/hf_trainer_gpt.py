@@ -16,9 +16,10 @@ import importlib.util
 import os
 
 import torch
-from mfumon.integrations.transformers import MFUCallback
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from mfumon.integrations.transformers import MFUCallback
 
 
 class PaddedTokens(Dataset):

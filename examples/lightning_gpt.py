@@ -19,9 +19,10 @@ import warnings
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from mfumon.integrations.lightning import MFUCallback
 from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from mfumon.integrations.lightning import MFUCallback
 
 
 class PaddedTokens(Dataset):

@@ -46,6 +46,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
         capture_output=True,
         text=True,
         check=True,
+        timeout=60,
     ).stdout.strip()
     assert extracted == block.group(1).strip()
     assert "awk '/<!-- test-command -->/" in (ROOT / ".ci" / "run").read_text()

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from mfumon._structure import AttentionShape
-from mfumon._walk import named_modules
 from mfumon.errors import ConfigError, ConfigTypeError, check_int
 from mfumon.params import Layout, layout, region_layout
 from mfumon.recompute import ATTENTION, MATMUL, check_recompute, reruns
@@ -202,10 +201,9 @@ def flop_breakdown(
         rerun_fields = [n for names in _RERUN_FIELDS.values() for n in names if n not in kept]
         return sum(getattr(flops, n) for n in (*rerun_fields, *_ALWAYS_RERUN))
 
-    by_path = dict(named_modules(model))
     extra = Fraction(0)
     for rerun in reruns(model, spec):  # what re-runs, per training forward (see mfumon.recompute)
-        module = by_path[rerun.path]
+        module = model.get_submodule(rerun.path)
         training = region(module, rerun.path, rerun.saves)
         if rerun.own:  # less its submodules: what runs in its own forward (attention, own weights)
             for name, child in module._modules.items():

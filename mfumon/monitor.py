@@ -51,13 +51,11 @@ class Monitor:
         loggers: names from `mfumon.loggers.LOGGER_NAMES` and/or `Logger` instances; only rank 0 logs.
         peak_tflops: per-device dense peak TFLOP/s, overriding the device table.
         dtype: matmul dtype for the peak ("bf16", "fp16", "tf32", ...); detected when None.
-        run_name: file stem for file loggers (default: mfumon-<date>-<time>).
-        log_dir: directory for file loggers.
+        run_name, log_dir: file stem (default: mfumon-<date>-<time>) and directory of file loggers.
         flops_per_token: training FLOPs per token, overriding the count from `model`.
         causal: count attention with causal masking (default) or PaLM's full-matrix convention.
         convention: FLOP convention of `mfumon.flop_breakdown` ("mfumon", "6N", "palm", "chinchilla").
-        doc_lengths: lengths of the documents packed into a typical batch (each <= seq_len), so the
-            attention term is summed over documents, not the padded length; fixed at setup.
+        doc_lengths: documents packed into a typical batch (each <= seq_len): attention per document.
         recompute: what activation checkpointing re-runs, for HFU only: "auto" (found at setup, then
             watched in the first step: enable checkpointing before building the monitor), "none", a
             fraction in [0, 1] of the forward FLOPs, or the checkpointed modules (docs/hfu.md).
@@ -181,9 +179,8 @@ class Monitor:
     def close(self, *, failed: bool = False) -> None:
         """Log the last partial window, write the summary and close the loggers (idempotent).
 
-        Args:
-            failed: the run is ending on an exception. Other ranks may never reach `close()`, so
-                under torch.distributed the final cross-rank reduction is skipped.
+        `failed`: the run ends on an exception; other ranks may never reach `close()`, so under
+        torch.distributed the final cross-rank reduction is skipped.
         """
         if self._closed:
             return
@@ -245,7 +242,10 @@ class Monitor:
         if not self._started:  # Monitor used without start(): this first step only starts the clock
             self._guard("start", self.start)
         else:
-            self._guard("timing", lambda: self._timer.mark_step(self._step, tokens))
+            try:
+                self._timer.mark_step(self._step, tokens)
+            except Exception as exc:  # a monitor must never stop a training run
+                self._faults.fault("timing", exc)
         self.flops.after_step()
         if self._step % self._log_every == 0:
             self._windows.log(self._step)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import mfumon
 from mfumon import metrics as K
-from tests.procs import spawn
+from tests.procs import exit_now, spawn
 
 FPT = 1_000_000
 STEPS, LOG_EVERY = 12, 6
@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     record = {"before": before, "after": after, "metrics": mon.metrics}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
+    exit_now()
 
 
 def test_two_gloo_ranks_log_global_figures_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from mfumon.errors import ConfigError, ConfigTypeError
 from mfumon.params import ParamCounts, count_params, register_moe
-from tests.procs import run, spawn
+from tests.procs import exit_now, run, spawn
 from tests.tiny_models import HIDDEN, VOCAB, Expert, HandLM, StackedMoE, hand_moe_lm, hf_model
 
 d, V = HIDDEN, VOCAB  # 64, 128
@@ -205,6 +205,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             json.dump({"before": before.__dict__, "after": after.__dict__, "local": local}, f)
     finally:
         dist.destroy_process_group()
+    exit_now()  # reached only when nothing raised
 
 
 def test_fsdp2_dtensor_parameters_count_at_full_size(tmp_path) -> None:

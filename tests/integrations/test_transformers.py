@@ -358,8 +358,12 @@ WORKER = textwrap.dedent(
     out = os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json")
     with open(out, "w") as f:
         json.dump({"log_history": trainer.state.log_history, "world": torch.distributed.get_world_size()}, f)
-    # Gloo's worker threads must stop before the interpreter does, or the exit can abort (SIGABRT).
+    # Gloo's worker threads must stop before the interpreter does, or the exit can abort (SIGABRT);
+    # even then teardown sometimes does (tests/procs.py, exit_now): end without it.
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     """
 )
 

@@ -8,53 +8,23 @@ imported only when their name is asked for.
 from __future__ import annotations
 
 import importlib
-import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mfumon.errors import ConfigError, ConfigTypeError, MissingDependencyError
+from mfumon.errors import ConfigError, ConfigTypeError, MissingDependencyError, log
+from mfumon.loggers.base import Logger
+from mfumon.loggers.jsonl import JsonlLogger
+from mfumon.loggers.stdout import StdoutLogger
 
 __all__ = ["LOGGER_NAMES", "Logger", "LoggerSet", "make_loggers"]
 
-_log = logging.getLogger("mfumon")
-
-
-class Logger:
-    """Base class of mfumon loggers; every method is optional and does nothing by default.
-
-    `log` receives the metric dict of one window (keys from `mfumon.metrics.METRIC_KEYS`) and the
-    optimizer step it ends at. `log_run_info` is called once, at the first log, with facts about
-    the run (device, dtype, peak, parameter counts). `log_summary` receives `Monitor.summary()`
-    at close. Exceptions raised by any method are caught by the monitor, reported once, and the
-    logger is switched off.
-    """
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Write the metrics of one window ending at optimizer step `step`."""
-
-    def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
-        """Called instead of `log` for windows made only of warm-up steps (default: ignore them)."""
-
-    def log_run_info(self, info: Mapping[str, Any]) -> None:
-        """Record facts about the run (called once, at the first log)."""
-
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
-        """Record the whole-run summary (called once, at close)."""
-
-    def close(self) -> None:
-        """Flush and release resources."""
-
 
 def _stdout(**kw: Any) -> Logger:
-    from mfumon.loggers.stdout import StdoutLogger
-
     return StdoutLogger()
 
 
 def _jsonl(*, run_name: str, log_dir: Path, **kw: Any) -> Logger:
-    from mfumon.loggers.jsonl import JsonlLogger
-
     return JsonlLogger(log_dir / f"{run_name}.jsonl")
 
 
@@ -137,7 +107,7 @@ class LoggerSet:
                 getattr(logger, method)(*args)
             except Exception as exc:  # a logger must never stop a training run
                 self.loggers.remove(logger)
-                _log.warning(
+                log.warning(
                     "mfumon: logger %s raised in %s (%s: %s); it is switched off, training goes on",
                     type(logger).__name__,
                     method,

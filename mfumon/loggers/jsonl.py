@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfumon.loggers import Logger
+from mfumon.loggers.base import Logger
 
 __all__ = ["JsonlLogger"]
 

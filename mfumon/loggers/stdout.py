@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from mfumon import metrics as K
-from mfumon.loggers import Logger
+from mfumon.loggers.base import Logger
 
 __all__ = ["StdoutLogger", "format_line"]
 

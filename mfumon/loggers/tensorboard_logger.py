@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mfumon.errors import MissingDependencyError
-from mfumon.loggers import Logger
+from mfumon.loggers.base import Logger
 
 __all__ = ["TensorBoardLogger"]
 

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mfumon.errors import MissingDependencyError
-from mfumon.loggers import Logger
+from mfumon.loggers.base import Logger
 from mfumon.metrics import METRIC_KEYS
 
 __all__ = ["STEP_KEY", "WandbLogger"]

@@ -93,10 +93,32 @@ class Windows:
             if total_mfu is not None:
                 out[K.MFU_AVG] = total_mfu
             self.metrics = out
+            self._check_possible(out, step)
             self.loggers.call("log", dict(out), step)
         elif warm.steps:
             out = window_metrics(warm, world_size=world, peak_flops=peak)
             self.loggers.call("log_warmup", out, step, self.warmup)
+
+    def _check_possible(self, out: dict[str, float], step: int) -> None:
+        """Say once when a window claims more than the device can do: the count or the peak is wrong."""
+        over = {k: v for k in (K.MFU, K.HFU, K.MFU_MEASURED) if (v := out.get(k, 0.0)) > 1.0}
+        if not over:
+            return
+        claims = ", ".join(f"{k} = {v:.3g}" for k, v in over.items())
+        self._faults.report(
+            "impossible",
+            "mfumon: step %d: %s, more than the device can do: a probable accounting error, not a fast "
+            "run. Likely causes: the peak (peak_tflops= is per device, in TFLOP/s: %s %s here), tokens "
+            "(tokens= counts this rank's tokens of one optimizer step, not all ranks' or the run's), "
+            "the FLOPs per token (%s; pass flops_per_token= or check docs/accounting.md), or the device "
+            "(%s). Logging goes on.",
+            step,
+            claims,
+            self.peak.tflops,
+            self.peak.dtype,
+            f"{self.flops.flops_per_token:,}",
+            self.device_name,
+        )
 
     @property
     def device_name(self) -> str:

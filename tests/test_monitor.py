@@ -369,3 +369,35 @@ def test_whole_float_tokens_are_accepted(tiny) -> None:
             train_step(model, opt)
             mon.step(tokens=32.0)
     assert mon.summary()["tokens"] == 2 * 32
+
+
+def test_an_impossible_mfu_is_called_out_once_and_logging_goes_on(tiny, tmp_path: Path, mfumon_log) -> None:
+    model, opt = tiny
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=4,
+        warmup=0,
+        loggers=("jsonl",),
+        peak_tflops=1e-9,
+        run_name="x",
+        log_dir=tmp_path,
+    ) as mon:  # a peak of 1 kFLOP/s: any real step "beats" it
+        for _ in range(12):
+            mon.step(tokens=train_step(model, opt))
+    records = mfumon_records(mfumon_log)
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "step 4: mfumon/mfu = " in message and "probable accounting error" in message
+    assert "peak_tflops= is per device, in TFLOP/s: 1e-09 fp32 here" in message
+    assert "tokens=" in message and "flops_per_token=" in message
+    assert [r["step"] for r in read_jsonl(tmp_path / "x.jsonl")] == [4, 8, 12]  # logging went on
+    assert mon.metrics[K.MFU] > 1.0  # the figure itself is not altered, only called out
+
+
+def test_a_possible_mfu_says_nothing(tiny, mfumon_log) -> None:
+    model, opt = tiny
+    with mfumon.monitor(model, seq_len=8, log_every=4, warmup=0, loggers=(), peak_tflops=1.0) as mon:
+        for _ in range(8):
+            mon.step(tokens=train_step(model, opt))
+    assert 0.0 < mon.metrics[K.MFU] < 1.0 and mfumon_records(mfumon_log) == []

@@ -28,6 +28,7 @@ __all__ = [
     "Window",
     "combine_ranks",
     "split_windows",
+    "whole_count",
     "window_metrics",
 ]
 
@@ -135,13 +136,19 @@ def combine_ranks(windows: list[Window], world_size: int) -> Window:
     )
 
 
+def whole_count(x: float) -> bool:
+    """True for a whole number >= 0 (a token count); False for NaN, infinities, negatives, fractions."""
+    return math.isfinite(x) and x >= 0 and x == int(x)
+
+
 def split_windows(
     records: Iterable[StepRecord], *, warmup: int, flops_per_token: int, hw_flops_per_token: int
 ) -> tuple[Window, Window, list[StepRecord]]:
     """One rank's warm-up and measured windows from resolved steps, and the records with odd timings.
 
     Steps that started while paused (no time) belong to neither; a step with a non-positive or
-    non-finite time, or with a negative or non-finite token count, is left out and returned.
+    non-finite time, or whose token count is not a whole number >= 0 (NaN, negative, fractional:
+    a tensor count is only checked here), is left out and returned.
     """
     sums = [[0, 0.0, 0.0], [0, 0.0, 0.0]]  # [steps, tokens, seconds] for warm-up, measured
     odd: list[StepRecord] = []
@@ -149,7 +156,7 @@ def split_windows(
         index, seconds, tokens = record
         if seconds is None:
             continue  # started while paused: not timed
-        if not (seconds > 0.0 and math.isfinite(seconds)) or not (tokens >= 0 and math.isfinite(tokens)):
+        if not (seconds > 0.0 and math.isfinite(seconds)) or not whole_count(tokens):
             odd.append(record)
             continue
         acc = sums[index > warmup]

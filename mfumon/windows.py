@@ -16,7 +16,7 @@ from mfumon.errors import FaultLog
 from mfumon.flop_model import FlopModel
 from mfumon.hardware import PeakInfo
 from mfumon.loggers import LoggerSet
-from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, window_metrics
+from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, whole_count, window_metrics
 from mfumon.timing import StepTimer
 
 __all__ = ["Windows"]
@@ -66,7 +66,16 @@ class Windows:
                 hw_flops_per_token=self.flops.hw_flops_per_token,
             )
             for index, seconds, tokens in odd:
-                self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
+                if not whole_count(tokens):
+                    self._faults.report(
+                        "tokens",
+                        "mfumon: step %d counted %s tokens; a token count must be a whole number >= 0 "
+                        "(e.g. attention_mask.sum()); steps like it are left out, training goes on",
+                        index,
+                        tokens,
+                    )
+                else:
+                    self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
         except Exception as exc:
             self._faults.fault("timing", exc)
         warm, meas = self.reducer.reduce(warm, meas)

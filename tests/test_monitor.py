@@ -401,3 +401,17 @@ def test_a_possible_mfu_says_nothing(tiny, mfumon_log) -> None:
         for _ in range(8):
             mon.step(tokens=train_step(model, opt))
     assert 0.0 < mon.metrics[K.MFU] < 1.0 and mfumon_records(mfumon_log) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -3.0, 2.5])
+def test_a_bad_tensor_token_count_is_a_token_problem_named_by_step(tiny, mfumon_log, bad: float) -> None:
+    model, opt = tiny
+    with mfumon.monitor(model, seq_len=8, log_every=4, warmup=0, loggers=(), peak_tflops=1.0) as mon:
+        for i in range(1, 9):
+            tokens = train_step(model, opt)
+            mon.step(tokens=torch.tensor(bad if i in (3, 6) else float(tokens)))  # read at log time
+    records = mfumon_records(mfumon_log)
+    assert len(records) == 1  # once, for steps 3 and 6 alike
+    assert records[0].getMessage().startswith(f"mfumon: step 3 counted {bad} tokens; a token count must be")
+    assert mon.summary()["steps"] == 6  # the two bad steps are left out
+    assert mon.summary()["tokens"] == 6 * 4 * 8

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+import mfumon
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, ConfigTypeError
 from mfumon.loggers import Logger, LoggerSet, make_loggers
 from mfumon.loggers.jsonl import JsonlLogger
 from mfumon.loggers.stdout import StdoutLogger, format_line
-from tests.conftest import mfumon_records
+from tests.conftest import TinyLM, mfumon_records
 
 METRICS = {
     K.MFU: 0.4123,
@@ -96,3 +97,16 @@ def test_logger_set_switches_off_a_raising_logger_once(mfumon_log) -> None:  # t
     assert fan.loggers == [ok] and flaky.closed
     records = mfumon_records(mfumon_log)
     assert len(records) == 1 and "503 from the dashboard" in records[0].getMessage()
+
+
+@pytest.mark.parametrize("name", ["jsonl", "tensorboard"])
+def test_a_log_dir_that_cannot_be_written_fails_at_setup_naming_it(tmp_path: Path, name: str) -> None:
+    if name == "tensorboard":
+        pytest.importorskip("tensorboard")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    log_dir = blocker / "runs"  # cannot be created, whoever runs the test (root included)
+    with pytest.raises(ConfigError, match=r"cannot write in log_dir='.*a-file/runs'.*pass log_dir="):
+        mfumon.Monitor(
+            TinyLM(), seq_len=8, loggers=("stdout", name), log_dir=log_dir, peak_tflops=1.0
+        ).start()

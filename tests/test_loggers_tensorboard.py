@@ -9,7 +9,7 @@ import pytest
 
 import mfumon
 from mfumon import metrics as K
-from mfumon.errors import MissingDependencyError
+from mfumon.errors import ConfigError, MissingDependencyError
 from tests.conftest import train_step
 from tests.readback import tb_scalars, tb_texts
 from tests.test_monitor import Recorder
@@ -56,5 +56,6 @@ def test_a_path_that_is_a_file_fails_at_setup(tmp_path: Path) -> None:
     mon = mfumon.Monitor(
         flops_per_token=1, loggers=("tensorboard",), peak_tflops=1.0, run_name="taken", log_dir=tmp_path
     )
-    with pytest.raises(OSError):  # file loggers are built at start() (a `with` block's entry), on rank 0
+    # file loggers are built at start() (a `with` block's entry), on rank 0; the error names log_dir
+    with pytest.raises(ConfigError, match=r"'tensorboard' logger cannot write in log_dir=.*File exists"):
         mon.start()

@@ -84,11 +84,25 @@ def validate_logger_spec(spec: Iterable[str | Logger] | str | Logger | None) -> 
 def make_loggers(
     spec: Iterable[str | Logger] | str | Logger | None, *, run_name: str, log_dir: Path
 ) -> list[Logger]:
-    """Build the loggers named in `spec` (names or `Logger` instances); setup errors raise here."""
-    return [
-        _FACTORIES[item](run_name=run_name, log_dir=log_dir) if isinstance(item, str) else item
-        for item in validate_logger_spec(spec)
-    ]
+    """Build the loggers named in `spec` (names or `Logger` instances); setup errors raise here.
+
+    A `log_dir` a file logger cannot write in raises ConfigError naming `log_dir`.
+    """
+    built: list[Logger] = []
+    for item in validate_logger_spec(spec):
+        if not isinstance(item, str):
+            built.append(item)
+            continue
+        try:
+            built.append(_FACTORIES[item](run_name=run_name, log_dir=log_dir))
+        except OSError as exc:
+            for logger in built:  # what was opened before the failing one
+                logger.close()
+            raise ConfigError(
+                f"the {item!r} logger cannot write in log_dir={str(log_dir)!r} ({exc}); "
+                "pass log_dir=<a directory this process can create and write>"
+            ) from exc
+    return built
 
 
 class LoggerSet:

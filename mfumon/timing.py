@@ -33,11 +33,11 @@ class StepRecord(NamedTuple):
 class _Recorded:
     """One recorded step, waiting for the device to finish it."""
 
-    __slots__ = ("end", "index", "start", "tokens")
+    __slots__ = ("end", "index", "spans", "tokens")
 
-    def __init__(self, index: int, start: Any, end: Any, tokens: Any) -> None:
+    def __init__(self, index: int, spans: tuple[tuple[Any, Any], ...] | None, end: Any, tokens: Any) -> None:
         self.index = index
-        self.start = start  # mark at which this step began; None when it started while paused
+        self.spans = spans  # (start, stop) marks of its unpaused time; None when it ended while paused
         self.end = end
         self.tokens = tokens  # int/float, or a pinned 0-d CPU tensor filled asynchronously
 
@@ -53,6 +53,7 @@ class StepTimer:
         self.cuda = device.type == "cuda"
         self._pending: deque[_Recorded] = deque()
         self._last: Any = None  # mark the next step starts from; None while paused
+        self._banked: list[tuple[Any, Any]] = []  # spans of the step in progress before a pause
         self._free_events: list[torch.cuda.Event] = []
         self._free_slots: list[torch.Tensor] = []
 
@@ -83,7 +84,12 @@ class StepTimer:
             self._last = self._mark()
 
     def pause(self) -> None:
-        """Stop timing until `start()`; time in between (e.g. evaluation) belongs to no step."""
+        """Stop timing until `start()`; time in between (e.g. evaluation) belongs to no step.
+
+        The step in progress keeps the time it ran before the pause: one mark more, per pause.
+        """
+        if self._last is not None:
+            self._banked.append((self._last, self._mark()))
         self._last = None
 
     @property
@@ -96,7 +102,9 @@ class StepTimer:
         if isinstance(tokens, torch.Tensor):
             tokens = self._stage(tokens)
         end = self._mark()
-        self._pending.append(_Recorded(index, self._last, end, tokens))
+        spans = None if self._last is None else (*self._banked, (self._last, end))
+        self._pending.append(_Recorded(index, spans, end, tokens))
+        self._banked = []
         self._last = end
 
     def _stage(self, tokens: torch.Tensor) -> Any:
@@ -136,7 +144,8 @@ class StepTimer:
             and self._ready(self._pending[0].end)
         ):
             rec = self._pending.popleft()
-            seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
+            spans = rec.spans or ()
+            seconds = None if rec.spans is None else sum(self._elapsed_s(a, b) for a, b in spans)
             tokens = rec.tokens
             if isinstance(tokens, torch.Tensor):
                 value = float(tokens)  # a CPU tensor already written: no device sync
@@ -144,7 +153,10 @@ class StepTimer:
                     self._free_slots.append(tokens)
                 tokens = value
             out.append(StepRecord(rec.index, seconds, float(tokens)))
-            self._release(rec.start)
+            for start, stop in spans:  # the last stop is the next step's start: released with it
+                self._release(start)
+                if stop is not rec.end:
+                    self._release(stop)
         return out
 
     @property

@@ -200,10 +200,13 @@ def test_pause_excludes_evaluation_time(tiny) -> None:
     mon = mfumon.monitor(
         model, seq_len=8, log_every=4, warmup=0, loggers=(), peak_tflops=1.0, flops_per_token=FPT
     )
-    # A step runs from the monitor's mark at start() or resume() to its mark in step(), all taken
-    # with time.perf_counter(); the test's own readings around each call bound every mark, so the
-    # total lies in [lo, hi] under any load, and 0.2 s of "evaluation" counted would overshoot hi.
+    # A step's time is what passes between the monitor's marks (start() or the previous step(), and
+    # this step()) less the paused time: pause() marks where the step stops, resume() where it goes
+    # on. All marks are time.perf_counter() readings inside those calls, so the test's own readings
+    # around each call bound the total in [lo, hi] under any load; 0.2 s of "evaluation" counted
+    # would overshoot hi.
     lo = hi = 0.0
+    carry = (0.0, 0.0)  # bounds of the time from a step's mark to the pause after it
     entered = time.perf_counter()
     with mon:
         start = (entered, time.perf_counter())  # start() took the first mark
@@ -212,14 +215,49 @@ def test_pause_excludes_evaluation_time(tiny) -> None:
             before = time.perf_counter()
             mon.step(tokens=tokens)
             after = time.perf_counter()
-            lo, hi = lo + before - start[1], hi + after - start[0]
+            lo, hi = lo + before - start[1] + carry[0], hi + after - start[0] + carry[1]
+            pausing = time.perf_counter()
             with mon.paused():
+                paused = time.perf_counter()
                 time.sleep(0.2)  # "evaluation": must not appear in any step
                 leaving = time.perf_counter()
             start = (leaving, time.perf_counter())  # leaving paused() resumed: the next step's start
-    assert mon.summary()["steps"] == 4  # each step after a pause is timed from resume()
-    rounding_s = 1e-9  # float sums of 4 terms
+            carry = (pausing - after, paused - before)  # belongs to the next step, if one comes
+    assert mon.summary()["steps"] == 4  # each step after a pause is timed
+    rounding_s = 1e-9  # float sums of a few terms
     assert lo - rounding_s <= mon.summary()["seconds"] <= hi + rounding_s, (lo, mon.summary()["seconds"], hi)
+
+
+def test_a_pause_inside_a_step_keeps_the_time_before_it(tiny) -> None:
+    """One evaluation per window, in the middle of a step: the step keeps both halves of its time."""
+    model, opt = tiny
+    mon = mfumon.monitor(model, seq_len=8, log_every=4, warmup=0, loggers=(), peak_tflops=1.0)
+    lo = hi = 0.0
+    entered = time.perf_counter()
+    with mon:
+        start = (entered, time.perf_counter())
+        for i in range(1, 9):
+            time.sleep(0.01)  # the first half of the step's work
+            if i % 4 == 2:  # once per window, mid-step
+                pausing = time.perf_counter()
+                with mon.paused():
+                    paused = time.perf_counter()
+                    time.sleep(0.05)
+                    leaving = time.perf_counter()
+                resumed = time.perf_counter()
+                lo, hi = lo + pausing - start[1], hi + paused - start[0]  # before the pause
+                start = (leaving, resumed)
+            tokens = train_step(model, opt)  # the rest of the step
+            before = time.perf_counter()
+            mon.step(tokens=tokens)
+            after = time.perf_counter()
+            lo, hi = lo + before - start[1], hi + after - start[0]
+            start = (before, after)
+    summary = mon.summary()
+    rounding_s = 1e-9
+    assert lo - rounding_s <= summary["seconds"] <= hi + rounding_s, (lo, summary["seconds"], hi)
+    truth = summary["tokens"] / ((lo + hi) / 2)  # tokens over the unpaused time
+    assert summary[K.TOKENS_PER_S] == pytest.approx(truth, rel=0.02)
 
 
 def test_without_with_block(tiny) -> None:

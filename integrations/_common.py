@@ -213,11 +213,13 @@ class CallbackCore:
         dtype: str | torch.dtype | None,
         sink: Logger,
         tokens_elsewhere: bool = False,
+        initial_step: int = 0,
     ) -> tuple[Monitor | None, Tokens | None]:
         """Build and start this run's Monitor at the first batch; also return that batch's tokens.
 
         The Monitor is None (and the core off, with one message) when it cannot be built.
         `tokens_elsewhere`: the trainer counts tokens itself, so a batch that shows none is fine.
+        `initial_step`: optimizer steps the trainer already did (a resumed run continues from there).
         Every rank calls this at its first batch, and all ranks switch on or all stay off: a rank
         that failed alone would leave the others waiting in the reduction.
         """
@@ -229,7 +231,7 @@ class CallbackCore:
             tokens = self.tokens(batch)
             problem = self._find_problem(model, batch, tokens is not None or tokens_elsewhere)
             if problem is None:
-                monitor = self._new_monitor(model, batch, log_every=log_every, dtype=dtype, sink=sink)
+                monitor = self._new_monitor(model, batch, log_every, dtype, sink, initial_step)
         except Exception as exc:  # setup fault on this rank: every rank must learn of it
             error = exc
         everywhere = all_ranks_agree(problem is None and error is None)  # every rank calls it
@@ -266,7 +268,13 @@ class CallbackCore:
         return self.options.seq_len or (found[1] if found is not None else None) or config_seq_len(model)
 
     def _new_monitor(
-        self, model: nn.Module, batch: Any, *, log_every: int, dtype: str | torch.dtype | None, sink: Logger
+        self,
+        model: nn.Module,
+        batch: Any,
+        log_every: int,
+        dtype: str | torch.dtype | None,
+        sink: Logger,
+        initial_step: int,
     ) -> Monitor:
         opts = self.options
         run_name = opts.run_name
@@ -290,6 +298,7 @@ class CallbackCore:
             convention=opts.convention,
             measure_ceiling=opts.measure_ceiling,
             recompute=opts.recompute,
+            initial_step=initial_step,
         )
 
     # -- per step ------------------------------------------------------------------------------

@@ -58,12 +58,11 @@ class _TrainerLoggers(Logger):
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
-        self._base = _steps_done(trainer)  # at the monitor's start
         self._faults = FaultLog()  # one record per failing Lightning logger
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        # mfumon's step k (1-based, since the monitor started) is the batch Lightning logs at base + k - 1
-        lightning_step = self._base + step - 1
+        # mfumon's step k (counted from the steps already done) is the batch Lightning logs at k - 1
+        lightning_step = step - 1
         for logger in self._trainer.loggers:
             kind = f"logger {id(logger)}"
             if self._faults.seen(kind):
@@ -141,6 +140,7 @@ class MFUCallback(CallbackOptions, _Callback):
                     log_every=getattr(trainer, "log_every_n_steps", 0) or DEFAULT_LOG_EVERY,
                     dtype=precision_dtype(trainer.precision),
                     sink=_TrainerLoggers(trainer),
+                    initial_step=_steps_done(trainer),  # a run resumed from a checkpoint counts on
                 )
                 if built is None:
                     return

@@ -129,7 +129,7 @@ class MFUCallback(CallbackOptions, _Callback):
         self._log_every = DEFAULT_LOG_EVERY
         self._from_state = False  # tokens from state.num_input_tokens_seen (inputs show none)
         self._seen_tokens = 0
-        self._steps = 0
+        self._initial_step = 0  # state.global_step at train begin: a resumed run counts on
 
     @property
     def monitor(self) -> Any:
@@ -151,7 +151,7 @@ class MFUCallback(CallbackOptions, _Callback):
             self._remove_hook()
             self._held.metrics = {}
             self._args = args
-            self._steps = 0
+            self._initial_step = state.global_step
             self._from_state = False
             self._seen_tokens = state.num_input_tokens_seen
             strategy = getattr(args, "logging_strategy", None)
@@ -187,6 +187,7 @@ class MFUCallback(CallbackOptions, _Callback):
                     dtype=args_dtype(self._args),
                     sink=self._held,
                     tokens_elsewhere=_counts_tokens(self._args),
+                    initial_step=self._initial_step,
                 )
                 if built is None:
                     self._remove_hook()
@@ -220,11 +221,10 @@ class MFUCallback(CallbackOptions, _Callback):
                 tokens = (seen - self._seen_tokens) if core.monitor.rank == 0 else 0
                 self._seen_tokens = seen
             core.step(tokens)
-            self._steps += 1
             if state.max_steps and state.global_step >= state.max_steps:
                 core.close()  # the last window now, while the Trainer still logs
             # every rank alike: a Trainer log gathers the loss across ranks
-            if core.closed or self._steps % self._log_every == 0:
+            if core.closed or state.global_step % self._log_every == 0:  # the monitor's cadence
                 control.should_log = True
             if control.should_evaluate or control.should_save:
                 core.pause()

@@ -61,6 +61,7 @@ class Monitor:
             fraction in [0, 1] of the forward FLOPs, or the checkpointed modules (docs/hfu.md).
         device: device whose clock and peak are used (default: the model's).
         measure_ceiling: also time a large GEMM at start and log `mfumon/mfu_measured` against it.
+        initial_step: optimizer steps done before (a resumed run): its steps count on from there.
     """
 
     def __init__(
@@ -82,10 +83,12 @@ class Monitor:
         recompute: Any = "auto",
         device: torch.device | str | None = None,
         measure_ceiling: bool = False,
+        initial_step: int = 0,
     ) -> None:
         self._log_every = check_int("log_every", log_every, "optimizer steps per log")
         self._warmup = check_int("warmup", warmup, "steps excluded from averages", minimum=0)
-        self._logger_spec = validate_logger_spec(loggers)
+        self._logger_spec: list[str | Logger] | None = validate_logger_spec(loggers)  # None: built
+        self._step = check_int("initial_step", initial_step, "optimizer steps done before", minimum=0)
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -119,11 +122,10 @@ class Monitor:
             log_every=self._log_every,
             device_type=self.device.type,
             faults=self._faults,
+            first_step=self._step,
         )
-        self._loggers_built = False
         if initialized() or "RANK" in os.environ:
             self._build_loggers()  # the rank is known: file and W&B setup errors surface here
-        self._step = 0
         self._micro: Tokens | None = None
         self._started = self._closed = False
         self._hook: Any = None  # one-shot: the autocast dtype at the first forward
@@ -141,25 +143,22 @@ class Monitor:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _build_loggers(self) -> None:
-        """Build the loggers, on rank 0 only."""
-        self._loggers_built = True
-        if self.rank == 0:
+        """Build the loggers once, on rank 0 only."""
+        spec, self._logger_spec = self._logger_spec, None
+        if spec is not None and self.rank == 0:
             self._windows.loggers = LoggerSet(
-                make_loggers(self._logger_spec, run_name=self.run_name, log_dir=self.log_dir)
+                make_loggers(spec, run_name=self.run_name, log_dir=self.log_dir)
             )
 
     def start(self) -> Monitor:
-        """Start timing; joins the process group's reduction when torch.distributed is initialized.
-
-        Collective under torch.distributed: call it on every rank (the `with` block does).
-        """
+        """Start timing; under torch.distributed, join the once-per-log reduction: a collective, so
+        call it on every rank (the `with` block does)."""
         if self._started:
             return self
         self._started = True
         rank = self._reducer.join(self.device)
         self.rank = self.rank if rank is None else rank
-        if not self._loggers_built:  # built here when the rank was not known at construction
-            self._build_loggers()
+        self._build_loggers()  # here when the rank was not known at construction
         if self._measure_ceiling and self.device.type == "cuda":
             try:
                 self._windows.measured_peak_flops = measure_peak_flops(self.peak.dtype, device=self.device)

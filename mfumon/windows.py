@@ -36,12 +36,14 @@ class Windows:
         log_every: int,
         device_type: str,
         faults: FaultLog,
+        first_step: int = 0,
     ) -> None:
         self.timer, self.reducer, self.flops, self.peak = timer, reducer, flops, peak
         self.warmup, self.log_every, self._device_type, self._faults = warmup, log_every, device_type, faults
         self.loggers = LoggerSet([])  # built by the monitor once the rank is known
         self.measured_peak_flops: float | None = None
-        self.logged_step = 0
+        self.first_step = first_step  # steps done before this run (a resumed run's initial_step)
+        self.logged_step = first_step
         self.total = EMPTY_WINDOW  # measured steps of the whole run, all ranks
         self.metrics: dict[str, float] = {}  # the latest window's
         self._run_info_sent = False
@@ -61,7 +63,7 @@ class Windows:
         try:
             warm, meas, odd = split_windows(
                 self.timer.resolve(wait=final, upto=upto),
-                warmup=self.warmup,
+                warmup=self.first_step + self.warmup,  # the first `warmup` steps of this run
                 flops_per_token=self.flops.flops_per_token,
                 hw_flops_per_token=self.flops.hw_flops_per_token,
             )

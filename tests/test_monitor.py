@@ -453,3 +453,19 @@ def test_a_bad_tensor_token_count_is_a_token_problem_named_by_step(tiny, mfumon_
     assert records[0].getMessage().startswith(f"mfumon: step 3 counted {bad} tokens; a token count must be")
     assert mon.summary()["steps"] == 6  # the two bad steps are left out
     assert mon.summary()["tokens"] == 6 * 4 * 8
+
+
+def test_initial_step_continues_the_step_axis_after_a_resume(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
+    with mfumon.monitor(
+        model, seq_len=8, log_every=5, warmup=2, loggers=("jsonl",), peak_tflops=1.0,
+        run_name="resumed", log_dir=tmp_path, initial_step=100,
+    ) as mon:  # fmt: skip
+        for _ in range(12):
+            mon.step(tokens=train_step(model, opt))
+    # windows end at multiples of log_every on the run's own axis; steps 101-102 are this run's warm-up
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed.jsonl")] == [105, 110, 112]
+    summary = mon.summary()
+    assert summary["last_step"] == 112 and summary["steps"] == 10 and summary["tokens"] == 10 * 4 * 8
+    with pytest.raises(ConfigError, match="initial_step must be an int >= 0"):
+        mfumon.Monitor(model, seq_len=8, initial_step=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
@@ -358,3 +359,27 @@ def test_ddp_setup_problem_on_one_rank_switches_every_rank_off(
     assert captured.err.count("tokens_per_batch=") == 1  # rank 1's message, once
     assert "[mfumon]" not in captured.out  # rank 0 switched off too: no line, no window
     assert not (tmp_path / "csv" / "version_0" / "metrics.csv").exists() or not csv_rows(tmp_path)
+
+
+def test_a_run_resumed_from_its_checkpoint_continues_at_the_right_step(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = DataLoader(PaddedTokens(400, pad=0, vocab=32, seq=16), batch_size=BATCH)
+
+    def fit(max_steps: int, ckpt_path: str | None) -> MFUCallback:
+        cb = MFUCallback(peak_tflops=1.0, warmup=1, loggers=("jsonl",), run_name="r", log_dir=tmp_path)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=5)
+        t = trainer(tmp_path, [cb, saver], max_steps=max_steps, enable_checkpointing=True)
+        t.fit(TinyModule(), data, ckpt_path=ckpt_path)
+        assert t.global_step == max_steps
+        return cb
+
+    fit(10, None)
+    assert [int(r["step"]) for r in csv_rows(tmp_path)] == [4, 9]  # Lightning logs step k at k - 1
+    resumed = fit(20, str(tmp_path / "ckpt" / "last.ckpt"))
+    # the resumed run's CSV (a new file for the same version) continues the axis: 14, 19, not 4, 9
+    assert [int(r["step"]) for r in csv_rows(tmp_path)] == [14, 19]
+    # mfumon's own JSONL: windows of both runs, steps 5, 10 then 15, 20 (not 5, 10 again)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+    assert resumed.monitor.summary()["last_step"] == 20

@@ -384,3 +384,26 @@ def test_torchrun_two_processes_log_once_with_global_figures(tmp_path: Path) -> 
     for e in logs:
         assert e[K.TOKENS_PER_S] * e[K.STEP_TIME_MS] / 1e3 == pytest.approx(global_tokens)
         assert e[K.TOKENS_PER_S_PER_DEVICE] == pytest.approx(e[K.TOKENS_PER_S] / 2)
+
+
+def test_a_run_resumed_from_its_checkpoint_continues_at_the_right_step(tmp_path: Path) -> None:
+    def train(max_steps: int, resume: bool) -> Any:
+        cb = MFUCallback(peak_tflops=1.0, warmup=1, loggers=("jsonl",), run_name="r", log_dir=tmp_path)
+        trainer = Trainer(
+            model=tiny_gpt2(),
+            args=args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=10),
+            train_dataset=PaddedTokens(400),
+            callbacks=[cb],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        assert trainer.state.global_step == max_steps
+        return trainer, cb
+
+    train(10, resume=False)
+    resumed, cb = train(20, resume=True)
+    # the Trainer's log history, carried over from the checkpoint, then this run's windows
+    assert [e["step"] for e in mfumon_logs(resumed)] == [5, 10, 15, 20]
+    # mfumon's own JSONL: windows of both runs on one axis, 5, 10 then 15, 20 (not 5, 10 again)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+    assert cb.monitor.summary()["last_step"] == 20

@@ -83,3 +83,54 @@ def test_two_gloo_ranks_log_global_figures_once(tmp_path: Path, capfd: pytest.Ca
     assert last[K.MFU] == pytest.approx(400 * FPT / (last[K.STEP_TIME_MS] / 1e3) / (2 * 1e12))
     # every rank holds the same global numbers
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
+
+
+def _master_only_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """nanoGPT's pattern: DDP on every rank, the monitor on rank 0 only."""
+    import logging
+
+    from tests.conftest import TinyLM
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logging.getLogger("mfumon").addHandler(Keep())
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = torch.nn.parallel.DistributedDataParallel(TinyLM())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = None
+    if rank == 0:
+        mon = mfumon.Monitor(
+            model, seq_len=8, flops_per_token=FPT, peak_tflops=1.0, log_every=LOG_EVERY, warmup=0,
+            loggers=("jsonl",), run_name="master", log_dir=out_dir,
+        )  # fmt: skip
+        mon.start()
+    for _ in range(STEPS):
+        idx = torch.randint(0, 32, (1, TOKENS[rank] + 1))
+        model(idx[:, :-1]).logsumexp(-1).mean().backward()  # the all-reduce keeps the ranks in step
+        opt.step()
+        opt.zero_grad()
+        if mon is not None:
+            mon.step(tokens=TOKENS[rank])
+    if mon is not None:
+        mon.close()
+        Path(out_dir, "rank0.json").write_text(json.dumps({"records": records, "summary": mon.summary()}))
+    dist.destroy_process_group()
+    exit_now()
+
+
+def test_a_monitor_on_rank_0_only_never_waits_for_the_others(tmp_path: Path) -> None:
+    spawn(_master_only_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, timeout_s=60)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    said = [r for r in result["records"] if "not every rank has a monitor" in r]
+    assert said == [
+        "mfumon: not every rank has a monitor (ranks 1), so no figures are reduced across ranks (that "
+        "would wait forever): rank 0 reports its own. Build the monitor on every rank (only rank 0 logs)."
+    ]
+    lines = [json.loads(x) for x in (tmp_path / "master.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [6, 12]
+    summary = result["summary"]
+    assert summary["world_size"] == 1 and summary["tokens"] == STEPS * TOKENS[0]  # rank 0's own figures

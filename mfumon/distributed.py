@@ -67,10 +67,15 @@ class Reducer:
         self._device = torch.device("cpu")
         self._store: Any = None  # set between join() and the verdict at the first log
         self._prefix = ""
+        self._tag = ""
         self._rank = 0
 
-    def join(self, device: torch.device) -> int | None:
-        """Say in the job's store that this rank has a monitor; returns the rank (None: not distributed)."""
+    def join(self, device: torch.device, tag: str = "") -> int | None:
+        """Say in the job's store that this rank has a monitor; returns the rank (None: not distributed).
+
+        `tag` describes the monitor (its cadence and FLOPs): ranks whose n-th monitors differ in it
+        are not the same monitor, and reduce nothing together.
+        """
         if not initialized():
             return None
         dist = torch.distributed
@@ -80,7 +85,8 @@ class Reducer:
                 store = dist.distributed_c10d._get_default_store()
                 seq = store.add(f"mfumon/monitors/rank{self._rank}", 1)  # this rank's n-th monitor
                 self._prefix = f"mfumon/{seq}/"
-                store.set(f"{self._prefix}rank{self._rank}", "1")
+                store.set(f"{self._prefix}rank{self._rank}", tag or "-")
+                self._tag = tag or "-"
                 self._store = store
             except Exception as exc:  # no store to ask: take every rank as having a monitor
                 self._faults.fault("distributed", exc)
@@ -110,16 +116,19 @@ class Reducer:
                 marks = [f"{prefix}rank{r}" for r in range(self.world)]
                 try:  # ranks that train in step started their monitors long before this first log
                     store.wait(marks, timedelta(seconds=RANK_WAIT_S))
-                    mine = "ok"
+                    other = [r for r, m in enumerate(marks) if store.get(m).decode() != self._tag]
+                    mine = f"ranks {other} have another monitor" if other else "ok"
                 except Exception:  # timed out: some ranks built no monitor
                     mine = "ranks " + ", ".join(str(r) for r, m in enumerate(marks) if not store.check([m]))
+                verdict = store.compare_set(key, "", mine).decode()
+                store.set(f"{prefix}decided", "1")  # wakes waiters on every store (compare_set may not)
             else:
                 try:
-                    store.wait([key], timedelta(seconds=VERDICT_WAIT_S))
-                    mine = ""
+                    store.wait([f"{prefix}decided"], timedelta(seconds=VERDICT_WAIT_S))
+                    verdict = store.get(key).decode()
                 except Exception:  # rank 0 has no monitor, or is far behind: reduce nothing
-                    mine = f"rank {self._rank} waited {VERDICT_WAIT_S:.0f} s for rank 0"
-            verdict = (store.compare_set(key, "", mine) if mine else store.get(key)).decode()
+                    late = f"rank {self._rank} waited {VERDICT_WAIT_S:.0f} s for rank 0"
+                    verdict = store.compare_set(key, "", late).decode()
         except Exception as exc:  # no verdict: never enter a collective the others may not join
             self._faults.fault("distributed", exc, "this rank reports its own figures")
             verdict = "no verdict"

@@ -156,7 +156,7 @@ class Monitor:
         if self._started:
             return self
         self._started = True
-        rank = self._reducer.join(self.device)
+        rank = self._reducer.join(self.device, self._windows.signature)
         self.rank = self.rank if rank is None else rank
         self._build_loggers()  # here when the rank was not known at construction
         if self._measure_ceiling and self.device.type == "cuda":

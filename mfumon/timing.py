@@ -86,7 +86,8 @@ class StepTimer:
     def pause(self) -> None:
         """Stop timing until `start()`; time in between (e.g. evaluation) belongs to no step.
 
-        The step in progress keeps the time it ran before the pause: one mark more, per pause.
+        The step in progress keeps the time it ran before the pause (one mark more, per pause), unless
+        it also ends while paused: then it is not timed at all.
         """
         if self._last is not None:
             self._banked.append((self._last, self._mark()))

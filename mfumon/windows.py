@@ -132,6 +132,11 @@ class Windows:
         )
 
     @property
+    def signature(self) -> str:
+        """What tells this monitor from another on the same rank: its cadence and FLOPs per token."""
+        return f"{self.log_every}/{self.warmup}/{self.flops.flops_per_token}"
+
+    @property
     def device_name(self) -> str:
         """The device's name as looked up (NVML / ROCm), or the torch device type."""
         return self.peak.device or self._device_type
@@ -169,6 +174,7 @@ class Windows:
             "hw_flops_per_token": self.flops.hw_flops_per_token,
             "warmup": self.warmup,
             "log_every": self.log_every,
+            "initial_step": self.first_step,
         }
         if self.measured_peak_flops is not None:
             info["measured_peak_tflops"] = self.measured_peak_flops / 1e12

@@ -134,3 +134,36 @@ def test_a_monitor_on_rank_0_only_never_waits_for_the_others(tmp_path: Path) -> 
     assert [r["step"] for r in lines] == [6, 12]
     summary = result["summary"]
     assert summary["world_size"] == 1 and summary["tokens"] == STEPS * TOKENS[0]  # rank 0's own figures
+
+
+def _extra_monitor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Rank 0 runs a short monitor of its own first, then every rank runs the training monitor."""
+    from tests.conftest import TinyLM
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = torch.nn.parallel.DistributedDataParallel(TinyLM())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    options = dict(seq_len=8, flops_per_token=FPT, peak_tflops=1.0, warmup=0, loggers=())
+    if rank == 0:
+        with mfumon.monitor(model, log_every=2, **options) as probe:  # its own cadence: another monitor
+            for _ in range(3):
+                probe.step(tokens=1)
+    with mfumon.monitor(model, log_every=LOG_EVERY, **options) as mon:
+        for _ in range(STEPS):
+            idx = torch.randint(0, 32, (1, TOKENS[rank] + 1))
+            model(idx[:, :-1]).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=TOKENS[rank])
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(mon.summary()))
+    dist.destroy_process_group()
+    exit_now()
+
+
+def test_monitors_that_differ_across_ranks_are_never_paired(tmp_path: Path) -> None:
+    # rank 0's first monitor and rank 1's only one are each rank's first: paired by count alone they
+    # would meet in one collective with different shapes (gloo aborts) or wait forever
+    spawn(_extra_monitor_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, timeout_s=90)
+    summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world_size"] for s in summaries] == [1, 1]  # each said so and reported its own figures
+    assert [s["tokens"] for s in summaries] == [STEPS * TOKENS[0], STEPS * TOKENS[1]]

@@ -110,3 +110,17 @@ def test_a_log_dir_that_cannot_be_written_fails_at_setup_naming_it(tmp_path: Pat
         mfumon.Monitor(
             TinyLM(), seq_len=8, loggers=("stdout", name), log_dir=log_dir, peak_tflops=1.0
         ).start()
+
+
+def test_a_failing_file_logger_closes_what_was_opened_for_it_not_the_callers_own(tmp_path: Path) -> None:
+    class Mine(Logger):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    mine = Mine()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="log_dir"):
+        make_loggers([mine, "stdout", "jsonl"], run_name="r", log_dir=tmp_path / "a-file")
+    assert not mine.closed  # the caller's instance outlives a failed setup (a callback reuses it)

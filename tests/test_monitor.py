@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -469,3 +470,24 @@ def test_initial_step_continues_the_step_axis_after_a_resume(tiny, tmp_path: Pat
     assert summary["last_step"] == 112 and summary["steps"] == 10 and summary["tokens"] == 10 * 4 * 8
     with pytest.raises(ConfigError, match="initial_step must be an int >= 0"):
         mfumon.Monitor(model, seq_len=8, initial_step=-1)
+
+
+def test_the_warm_up_note_counts_this_runs_steps_after_a_resume(tiny) -> None:
+    from mfumon.loggers.stdout import StdoutLogger
+
+    model, opt = tiny
+    out = io.StringIO()
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=5,
+        warmup=10,
+        loggers=(StdoutLogger(out),),
+        peak_tflops=1.0,
+        initial_step=100,
+    ) as mon:
+        for _ in range(10):
+            mon.step(tokens=train_step(model, opt))
+    lines = out.getvalue().splitlines()
+    assert "step 105" in lines[1] and "warm-up 5/10, not in averages" in lines[1]  # 5 of this run's 10
+    assert "step 110" in lines[2] and "warm-up 10/10" in lines[2]

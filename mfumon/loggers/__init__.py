@@ -89,14 +89,16 @@ def make_loggers(
     A `log_dir` a file logger cannot write in raises ConfigError naming `log_dir`.
     """
     built: list[Logger] = []
+    opened: list[Logger] = []  # built here from names: closed again if a later one fails
     for item in validate_logger_spec(spec):
         if not isinstance(item, str):
-            built.append(item)
+            built.append(item)  # the caller's own instance: the caller closes it
             continue
         try:
-            built.append(_FACTORIES[item](run_name=run_name, log_dir=log_dir))
+            opened.append(_FACTORIES[item](run_name=run_name, log_dir=log_dir))
+            built.append(opened[-1])
         except OSError as exc:
-            for logger in built:  # what was opened before the failing one
+            for logger in opened:
                 logger.close()
             raise ConfigError(
                 f"the {item!r} logger cannot write in log_dir={str(log_dir)!r} ({exc}); "

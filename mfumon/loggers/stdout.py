@@ -46,6 +46,7 @@ class StdoutLogger(Logger):
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
         self._dtype: str | None = None
+        self._initial_step = 0  # steps done before this run (a resumed run), from the run info
 
     def _write(self, line: str) -> None:
         stream = self._stream or sys.stdout
@@ -54,6 +55,7 @@ class StdoutLogger(Logger):
 
     def log_run_info(self, info: Mapping[str, Any]) -> None:
         self._dtype = info.get("peak_dtype")
+        self._initial_step = int(info.get("initial_step") or 0)
         device = info.get("device") or "unknown device"
         peak = info.get("peak_tflops")
         peak_txt = f"peak {peak:.4g} TFLOP/s {self._dtype}" if peak else "no peak known (pass peak_tflops=)"
@@ -68,7 +70,8 @@ class StdoutLogger(Logger):
         self._write(format_line(metrics, step, dtype=self._dtype))
 
     def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
-        note = f"warm-up {min(step, warmup)}/{warmup}, not in averages"
+        done = min(step - self._initial_step, warmup)  # this run's warm-up steps (a resumed run counts on)
+        note = f"warm-up {done}/{warmup}, not in averages"
         self._write(format_line(metrics, step, dtype=self._dtype, note=note))
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import mfumon
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
 from tests.conftest import TinyLM, mfumon_records
-from tests.procs import deadline, run
+from tests.procs import exit_now, run
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
@@ -310,21 +309,50 @@ def collate_by_rank(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return batch
 
 
-def test_ddp_two_processes_log_once_with_global_figures(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    cb = MFUCallback(peak_tflops=1.0, warmup=1, loggers=("stdout",))
-    t = trainer(
-        tmp_path,
-        [cb],
-        max_steps=10,
-        devices=2,
-        strategy="ddp_spawn",
-        accumulate_grad_batches=2,
-    )
-    data = PaddedTokens(256, pad=0, vocab=32, seq=16)
-    with deadline("Lightning's ddp_spawn of 2 processes"):
+def tokens_on_rank_0_only(batch: torch.Tensor) -> int | None:
+    """A tokens_fn that finds nothing on rank 1: that rank cannot set up its monitor."""
+    return batch.numel() if torch.distributed.get_rank() == 0 else None
+
+
+def ddp_main(scenario: str, out_dir: str) -> None:
+    """One rank of a two-rank Lightning DDP fit, launched by torchrun (see `torchrun_fit`)."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    tmp_path = Path(out_dir)
+    if scenario == "global":
+        cb = MFUCallback(peak_tflops=1.0, warmup=1, loggers=("stdout",))
+        t = trainer(tmp_path, [cb], max_steps=10, devices=2, strategy="ddp", accumulate_grad_batches=2)
+        data = PaddedTokens(256, pad=0, vocab=32, seq=16)
         t.fit(TinyModule(), DataLoader(data, batch_size=BATCH, collate_fn=collate_by_rank))
-    out = capfd.readouterr().out
+    else:  # "setup problem": rank 1 finds no tokens
+        cb = MFUCallback(tokens_fn=tokens_on_rank_0_only, peak_tflops=1.0, warmup=0, loggers=("stdout",))
+        # a rank left waiting in a collective would fail after 60 s instead of hanging
+        strategy = DDPStrategy(timeout=timedelta(seconds=60))
+        t = trainer(tmp_path, [cb], max_steps=6, devices=2, strategy=strategy, log_every_n_steps=2)
+        t.fit(TinyModule(), DataLoader(torch.randint(0, 32, (64, 8)), batch_size=BATCH))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    exit_now()  # gloo's teardown at interpreter exit can abort after the work is done (tests/procs.py)
+
+
+def torchrun_fit(scenario: str, tmp_path: Path) -> Any:
+    """Two ranks under torchrun (Lightning detects it and launches nothing itself); their output."""
+    script = tmp_path / "rank.py"
+    root = Path(__file__).resolve().parents[2]
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(root)!r})\n"
+        "from tests.integrations.test_lightning import ddp_main\n"
+        "ddp_main(sys.argv[1], sys.argv[2])\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return run([*torchrun, str(script), scenario, str(tmp_path)], check=True)
+
+
+def test_ddp_two_processes_log_once_with_global_figures(tmp_path: Path) -> None:
+    out = torchrun_fit("global", tmp_path).stdout
     assert out.count("[mfumon] step 5 |") == 1 and out.count("[mfumon] step 10 |") == 1  # rank 0 only
     assert "x2, peak 1 TFLOP/s" in out  # the run facts name both devices
     rows = csv_rows(tmp_path)
@@ -336,28 +364,10 @@ def test_ddp_two_processes_log_once_with_global_figures(tmp_path: Path, capfd: p
         assert r[K.TOKENS_PER_S_PER_DEVICE] == pytest.approx(r[K.TOKENS_PER_S] / 2)
 
 
-def tokens_on_rank_0_only(batch: torch.Tensor) -> int | None:
-    """A tokens_fn that finds nothing on rank 1: that rank cannot set up its monitor."""
-    return batch.numel() if torch.distributed.get_rank() == 0 else None
-
-
-def test_ddp_setup_problem_on_one_rank_switches_every_rank_off(
-    tmp_path: Path, capfd: pytest.CaptureFixture
-) -> None:
-    from datetime import timedelta
-
-    from lightning.pytorch.strategies import DDPStrategy
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    cb = MFUCallback(tokens_fn=tokens_on_rank_0_only, peak_tflops=1.0, warmup=0, loggers=("stdout",))
-    # a rank left waiting in a collective would fail after 60 s instead of hanging
-    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
-    t = trainer(tmp_path, [cb], max_steps=6, devices=2, strategy=strategy, log_every_n_steps=2)
-    with deadline("Lightning's ddp_spawn of 2 processes"):
-        t.fit(TinyModule(), DataLoader(torch.randint(0, 32, (64, 8)), batch_size=BATCH))
-    captured = capfd.readouterr()
-    assert captured.err.count("tokens_per_batch=") == 1  # rank 1's message, once
-    assert "[mfumon]" not in captured.out  # rank 0 switched off too: no line, no window
+def test_ddp_setup_problem_on_one_rank_switches_every_rank_off(tmp_path: Path) -> None:
+    captured = torchrun_fit("setup problem", tmp_path)
+    assert captured.stderr.count("tokens_per_batch=") == 1  # rank 1's message, once
+    assert "[mfumon]" not in captured.stdout  # rank 0 switched off too: no line, no window
     assert not (tmp_path / "csv" / "version_0" / "metrics.csv").exists() or not csv_rows(tmp_path)
 
 

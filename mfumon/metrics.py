@@ -138,7 +138,7 @@ def combine_ranks(windows: list[Window], world_size: int) -> Window:
 
 def whole_count(x: float) -> bool:
     """True for a whole number >= 0 (a token count); False for NaN, infinities, negatives, fractions."""
-    return math.isfinite(x) and x >= 0 and x == int(x)
+    return x >= 0 and float(x).is_integer()  # NaN and infinities are no integers
 
 
 def split_windows(
@@ -156,7 +156,7 @@ def split_windows(
         index, seconds, tokens = record
         if seconds is None:
             continue  # started while paused: not timed
-        if not (seconds > 0.0 and math.isfinite(seconds)) or not whole_count(tokens):
+        if not (seconds > 0.0 and math.isfinite(seconds)) or not (tokens >= 0 and tokens.is_integer()):
             odd.append(record)
             continue
         acc = sums[index > warmup]

@@ -33,13 +33,14 @@ class StepRecord(NamedTuple):
 class _Recorded:
     """One recorded step, waiting for the device to finish it."""
 
-    __slots__ = ("end", "index", "spans", "tokens")
+    __slots__ = ("banked", "end", "index", "start", "tokens")
 
-    def __init__(self, index: int, spans: tuple[tuple[Any, Any], ...] | None, end: Any, tokens: Any) -> None:
+    def __init__(self, index: int, start: Any, end: Any, tokens: Any, banked: Any) -> None:
         self.index = index
-        self.spans = spans  # (start, stop) marks of its unpaused time; None when it ended while paused
+        self.start = start  # mark at which it began or last resumed; None when it ended while paused
         self.end = end
         self.tokens = tokens  # int/float, or a pinned 0-d CPU tensor filled asynchronously
+        self.banked = banked  # (start, pause) spans it ran before pauses, usually none
 
 
 class StepTimer:
@@ -103,9 +104,10 @@ class StepTimer:
         if isinstance(tokens, torch.Tensor):
             tokens = self._stage(tokens)
         end = self._mark()
-        spans = None if self._last is None else (*self._banked, (self._last, end))
-        self._pending.append(_Recorded(index, spans, end, tokens))
-        self._banked = []
+        banked: Any = ()  # no pause in this step: the common case, nothing allocated
+        if self._banked:
+            banked, self._banked = self._banked, []
+        self._pending.append(_Recorded(index, self._last, end, tokens, banked))
         self._last = end
 
     def _stage(self, tokens: torch.Tensor) -> Any:
@@ -145,8 +147,9 @@ class StepTimer:
             and self._ready(self._pending[0].end)
         ):
             rec = self._pending.popleft()
-            spans = rec.spans or ()
-            seconds = None if rec.spans is None else sum(self._elapsed_s(a, b) for a, b in spans)
+            seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
+            if seconds is not None and rec.banked:  # the time it ran before each pause
+                seconds += sum(self._elapsed_s(start, paused) for start, paused in rec.banked)
             tokens = rec.tokens
             if isinstance(tokens, torch.Tensor):
                 value = float(tokens)  # a CPU tensor already written: no device sync
@@ -154,10 +157,11 @@ class StepTimer:
                     self._free_slots.append(tokens)
                 tokens = value
             out.append(StepRecord(rec.index, seconds, float(tokens)))
-            for start, stop in spans:  # the last stop is the next step's start: released with it
-                self._release(start)
-                if stop is not rec.end:
-                    self._release(stop)
+            self._release(rec.start)  # its end is the next step's start: released with that one
+            if rec.start is not None:
+                for start, paused in rec.banked:
+                    self._release(start)
+                    self._release(paused)
         return out
 
     @property

@@ -112,9 +112,9 @@ class Windows:
 
     def _check_possible(self, out: dict[str, float], step: int) -> None:
         """Say once when a window claims more than the device can do: the count or the peak is wrong."""
-        over = {k: v for k in (K.MFU, K.HFU, K.MFU_MEASURED) if (v := out.get(k, 0.0)) > 1.0}
-        if not over:
+        if out.get(K.HFU, 0.0) <= 1.0 and out.get(K.MFU_MEASURED, 0.0) <= 1.0:  # HFU >= MFU
             return
+        over = {k: v for k in (K.MFU, K.HFU, K.MFU_MEASURED) if (v := out.get(k, 0.0)) > 1.0}
         claims = ", ".join(f"{k} = {v:.3g}" for k, v in over.items())
         self._faults.report(
             "impossible",

@@ -28,7 +28,6 @@ __all__ = [
     "Window",
     "combine_ranks",
     "split_windows",
-    "whole_count",
     "window_metrics",
 ]
 
@@ -136,28 +135,27 @@ def combine_ranks(windows: list[Window], world_size: int) -> Window:
     )
 
 
-def whole_count(x: float) -> bool:
-    """True for a whole number >= 0 (a token count); False for NaN, infinities, negatives, fractions."""
-    return x >= 0 and float(x).is_integer()  # NaN and infinities are no integers
-
-
 def split_windows(
     records: Iterable[StepRecord], *, warmup: int, flops_per_token: int, hw_flops_per_token: int
-) -> tuple[Window, Window, list[StepRecord]]:
-    """One rank's warm-up and measured windows from resolved steps, and the records with odd timings.
+) -> tuple[Window, Window, list[StepRecord], list[StepRecord]]:
+    """One rank's warm-up and measured windows from resolved steps, then the steps left out of them.
 
-    Steps that started while paused (no time) belong to neither; a step with a non-positive or
-    non-finite time, or whose token count is not a whole number >= 0 (NaN, negative, fractional:
-    a tensor count is only checked here), is left out and returned.
+    Steps that started while paused (no time) belong to neither. Left out and returned: steps whose
+    token count is not a whole number >= 0 (NaN, negative, fractional: a tensor count is only
+    checked here), then steps with a non-positive or non-finite time.
     """
     sums = [[0, 0.0, 0.0], [0, 0.0, 0.0]]  # [steps, tokens, seconds] for warm-up, measured
-    odd: list[StepRecord] = []
+    bad_tokens: list[StepRecord] = []
+    bad_times: list[StepRecord] = []
     for record in records:
         index, seconds, tokens = record
         if seconds is None:
             continue  # started while paused: not timed
-        if not (seconds > 0.0 and math.isfinite(seconds)) or not (tokens >= 0 and tokens.is_integer()):
-            odd.append(record)
+        if not (tokens >= 0 and tokens.is_integer()):  # NaN and infinities are no integers
+            bad_tokens.append(record)
+            continue
+        if not (seconds > 0.0 and math.isfinite(seconds)):
+            bad_times.append(record)
             continue
         acc = sums[index > warmup]
         acc[0] += 1
@@ -166,4 +164,4 @@ def split_windows(
     warm, meas = (
         Window(int(n), tok, tok * flops_per_token, tok * hw_flops_per_token, sec) for n, tok, sec in sums
     )
-    return warm, meas, odd
+    return warm, meas, bad_tokens, bad_times

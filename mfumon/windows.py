@@ -16,7 +16,7 @@ from mfumon.errors import FaultLog
 from mfumon.flop_model import FlopModel
 from mfumon.hardware import PeakInfo
 from mfumon.loggers import LoggerSet
-from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, whole_count, window_metrics
+from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, window_metrics
 from mfumon.timing import StepTimer
 
 __all__ = ["Windows"]
@@ -61,23 +61,22 @@ class Windows:
                 finished = self.logged_step  # resolve nothing new on this round
             upto = self.reducer.agree(finished)
         try:
-            warm, meas, odd = split_windows(
+            warm, meas, bad_tokens, bad_times = split_windows(
                 self.timer.resolve(wait=final, upto=upto),
                 warmup=self.first_step + self.warmup,  # the first `warmup` steps of this run
                 flops_per_token=self.flops.flops_per_token,
                 hw_flops_per_token=self.flops.hw_flops_per_token,
             )
-            for index, seconds, tokens in odd:
-                if not whole_count(tokens):
-                    self._faults.report(
-                        "tokens",
-                        "mfumon: step %d counted %s tokens; a token count must be a whole number >= 0 "
-                        "(e.g. attention_mask.sum()); steps like it are left out, training goes on",
-                        index,
-                        tokens,
-                    )
-                else:
-                    self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
+            for index, _, tokens in bad_tokens:
+                self._faults.report(
+                    "tokens",
+                    "mfumon: step %d counted %s tokens; a token count must be a whole number >= 0 "
+                    "(e.g. attention_mask.sum()); steps like it are left out, training goes on",
+                    index,
+                    tokens,
+                )
+            for index, seconds, tokens in bad_times:
+                self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
         except Exception as exc:
             self._faults.fault("timing", exc)
         warm, meas = self.reducer.reduce(warm, meas)

@@ -7,7 +7,13 @@ Everything is found by structure, never by model name or parameter-name substrin
   weight is tied to an embedding, else the last ``nn.Linear`` with as many outputs as the largest
   embedding has rows (the vocabulary);
 - attention modules carry head attributes (``head_dim``/``qk_head_dim``/``num_heads``/``n_head``...)
-  and own at least one weight matrix;
+  and own at least one weight matrix; each says whether it is causal (``is_causal``, else the
+  ``is_decoder`` of BERT-family attention on transformers 4.x) and whether it is encoder-decoder
+  cross-attention (``is_cross_attention`` on it or its parent, or a decoder attention that says
+  it is not causal);
+- state-space and linear-attention mixers (Mamba, Mamba2, GatedDeltaNet) own parameters of their
+  own (the decay ``A_log``, skip ``D``, ``dt_bias``) and a depthwise causal ``nn.Conv1d`` child
+  (groups = channels, padding = kernel - 1): they have no softmax scores;
 - routed experts, their MoE blocks, routers and top_k: see `mfumon._experts`.
 
 Sizes are full (unsharded) sizes, read without communication. This module finds; `mfumon.params`
@@ -43,7 +49,8 @@ class AttentionShape:
     heads: int  # query heads (GQA/MQA share K/V heads, which does not change the score FLOPs)
     qk_head_dim: int  # per-head width of Q and K (MLA: nope + rope dims)
     v_head_dim: int  # per-head width of V
-    window: int | None = None  # sliding window: most keys one query attends, itself included
+    window: int | None = None  # sliding window: a query attends keys less than `window` positions away
+    causal: bool | None = None  # what the module says; None: the caller's `causal=` decides
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class Structure:
     router_ids: set[int]  # routers and shared-expert gates
     attention_ids: set[int]  # parameters inside attention modules
     attention: tuple[AttentionShape, ...]  # one per attention module, in model order
+    cross_attention: tuple[str, ...] = ()  # paths of encoder-decoder cross-attention: scores not counted
+    recurrent: tuple[str, ...] = ()  # paths of state-space / linear-attention mixers: no softmax scores
+    elementwise_ids: frozenset[int] = frozenset()  # the mixers' own parameters (A_log, D, dt_bias)
 
 
 def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k: int | None) -> Structure:
@@ -72,7 +82,8 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
     }
     lm_head = _find_lm_head(model, named)
     moe_layers, routed, router_ids = find_moe(model, named, explicit, top_k)
-    attn_modules = _find_attention(named, exclude=set(routed) | router_ids)
+    mixers = _find_recurrent(named)
+    attn_modules, cross = _find_attention(named, exclude=set(routed) | router_ids, mixers=mixers)
     return Structure(
         params=params,
         embedding_ids=emb_ids,
@@ -81,8 +92,11 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
         moe=moe_layers,
         routed=routed,
         router_ids=router_ids,
-        attention_ids={id(p) for _, m in attn_modules for p in all_params(m)},
+        attention_ids={id(p) for _, m in (*attn_modules, *cross, *mixers) for p in all_params(m)},
         attention=tuple(shape for shape, _ in attn_modules),
+        cross_attention=tuple(path for path, _ in cross),
+        recurrent=tuple(path for path, _ in mixers),
+        elementwise_ids=frozenset(id(p) for _, m in mixers for p in own_params(m)),
     )
 
 
@@ -117,30 +131,57 @@ def _find_lm_head(model: nn.Module, named: list[tuple[str, nn.Module]]) -> nn.Mo
 
 
 def _find_attention(
-    named: list[tuple[str, nn.Module]], exclude: set[int]
-) -> list[tuple[AttentionShape, nn.Module]]:
-    """Innermost modules with head attributes that own a weight matrix, with their shapes."""
+    named: list[tuple[str, nn.Module]], exclude: set[int], mixers: list[tuple[str, nn.Module]]
+) -> tuple[list[tuple[AttentionShape, nn.Module]], list[tuple[str, nn.Module]]]:
+    """Innermost modules with head attributes that own a weight matrix: (self-attention with its
+    shape, cross-attention by path). Modules inside, or holding, a recurrent mixer are neither."""
+    by_path = dict(named)
     candidates = []
     for path, m in named:
         if not path or int_attr(m, HEADS_ATTRS + QK_DIM_ATTRS) is None:
             continue
+        if any(_within(path, mixer) or _within(mixer, path) for mixer, _ in mixers):
+            continue
         if not any(len(full_shape(p)) >= 2 and id(p) not in exclude for p in all_params(m)):
             continue
-        shape = attention_shape(m)
+        shape = _shape(m)
         if shape is not None:
             candidates.append((path, shape, m))
     paths = [path for path, _, _ in candidates]
-    return [
-        (shape, m)
-        for path, shape, m in candidates
-        if not any(other.startswith(path + ".") for other in paths)
-    ]
+    found, cross = [], []
+    for path, shape, m in candidates:
+        if any(other.startswith(path + ".") for other in paths):
+            continue
+        if _is_cross(m, by_path.get(path.rpartition(".")[0])):
+            cross.append((path, m))
+        else:
+            found.append((shape, m))
+    return found, cross
+
+
+def _find_recurrent(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """State-space / linear-attention mixers (Mamba, Mamba2, GatedDeltaNet), outermost first."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, m in named:
+        if _is_recurrent(m) and not any(_within(path, outer) for outer, _ in found):
+            found.append((path, m))
+    return found
 
 
 def attention_shape(m: nn.Module) -> AttentionShape | None:
-    """Heads, head widths and sliding window of attention module `m` (config fills gaps); None if unknown."""
+    """Shape of self-attention module `m`: heads, head widths, window, causal (config fills gaps).
+
+    None when unknown, and for modules with no softmax score term mfumon counts: recurrent mixers,
+    and cross-attention that says so itself.
+    """
+    if _is_recurrent(m) or _is_cross(m, None):
+        return None
+    return _shape(m)
+
+
+def _shape(m: nn.Module) -> AttentionShape | None:
     config = getattr(m, "config", None)
-    qk_dim = int_attr(m, QK_DIM_ATTRS)
+    qk_dim = int_attr(m, (*QK_DIM_ATTRS, "attention_head_size"))  # BERT family on transformers 4.x
     heads = int_attr(m, HEADS_ATTRS) or int_attr(config, ("num_attention_heads",))
     width = int_attr(m, WIDTH_ATTRS) or int_attr(config, ("hidden_size",))
     if qk_dim is None and heads and width:
@@ -150,7 +191,52 @@ def attention_shape(m: nn.Module) -> AttentionShape | None:
     if not heads or not qk_dim:
         return None
     v_dim = int_attr(m, ("v_head_dim",)) or qk_dim
-    return AttentionShape(heads, qk_dim, v_dim, _window(m, config))
+    local = _local_attention(m)
+    if local is not None:  # (left, right) reach, flash-attention style (ModernBERT on transformers 4.x)
+        left, right = local
+        return AttentionShape(heads, qk_dim, v_dim, left + 1 if left >= 0 else None, causal=right == 0)
+    return AttentionShape(heads, qk_dim, v_dim, _window(m, config), causal=_causal(m))
+
+
+def _causal(m: nn.Module) -> bool | None:
+    """What attention module `m` says: `is_causal`, else BERT-family `is_decoder` (transformers 4.x)."""
+    for name in ("is_causal", "is_decoder"):
+        says = getattr(m, name, None)
+        if isinstance(says, bool):
+            return says
+    return None
+
+
+def _is_cross(m: nn.Module, parent: nn.Module | None) -> bool:
+    """Encoder-decoder cross-attention: flagged on the module or its parent (BERT, GPT-2), or a
+    decoder attention that is not causal (BART, T5, Whisper: the decoder's self-attention is)."""
+    if any(getattr(x, "is_cross_attention", None) is True for x in (m, parent) if x is not None):
+        return True
+    return getattr(m, "is_decoder", None) is True and getattr(m, "is_causal", None) is False
+
+
+def _is_recurrent(m: nn.Module) -> bool:
+    """A state-space / linear-attention mixer: own parameters (decay, skip) and a depthwise causal
+    Conv1d child (groups = channels, padding = kernel - 1), as Mamba, Mamba2 and GatedDeltaNet have."""
+    if not own_params(m):
+        return False
+    for child in m._modules.values():
+        if isinstance(child, nn.Conv1d) and child.groups == child.in_channels > 1:
+            kernel, padding = child.kernel_size[0], child.padding
+            if kernel > 1 and isinstance(padding, tuple) and padding[0] == kernel - 1:
+                return True
+    return False
+
+
+def _local_attention(m: nn.Module) -> tuple[int, int] | None:
+    local = getattr(m, "local_attention", None)
+    if isinstance(local, tuple) and len(local) == 2 and all(type(x) is int for x in local):
+        return local
+    return None
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer + ".")
 
 
 def _window(m: nn.Module, config: object) -> int | None:

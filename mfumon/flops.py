@@ -4,9 +4,12 @@ Conventions (``convention=``), all per token of training (forward + backward = 3
 
 - ``"mfumon"`` (default): 6 x matmul_active, plus per attention layer
   6 x heads x (qk_head_dim + v_head_dim) x keys, where keys is the mean number of keys a query
-  attends: (s + 1) / 2 when causal, capped by that layer's sliding window w (the mean of
-  min(i, w) over positions i = 1..s); ``causal=False``: min(s, w). With ``doc_lengths`` the keys
-  are summed over the documents and divided by their tokens.
+  attends. Each layer is causal or bidirectional as its module says (``is_causal``); ``causal=``
+  decides only for modules that do not say. Causal: (s + 1) / 2, capped by the layer's sliding
+  window w (the mean of min(i, w) over positions i = 1..s); bidirectional: s, or with a window
+  the keys less than w positions away on either side. With ``doc_lengths`` the keys are summed
+  over the documents and divided by their tokens. Cross-attention and state-space /
+  linear-attention mixers have no term (see docs/accounting.md).
 - ``"6N"`` (Kaplan et al. 2020): 6 x matmul_active; no attention-score term.
 - ``"palm"`` (Chowdhery et al. 2022, App. B): 6 x matmul_active + 12·L·H·Q·T, generalized per
   layer to 6 x heads x (qk_head_dim + v_head_dim) x s: every query attends all s keys (no causal
@@ -22,6 +25,8 @@ counts them. Exact counting of an executed step is :func:`mfumon.measure.measure
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from fractions import Fraction
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 
 from mfumon._structure import AttentionShape
-from mfumon.errors import ConfigError, ConfigTypeError, check_int
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int, log
 from mfumon.params import Layout, layout, region_layout
 from mfumon.recompute import ATTENTION, MATMUL, check_recompute, reruns
 
@@ -136,8 +141,10 @@ def causal_keys(seq_len: int, window: int | None) -> int:
 
 
 def full_keys(seq_len: int, window: int | None) -> int:
-    """Keys attended by all queries of one non-causal sequence: s x min(s, w)."""
-    return seq_len * (seq_len if window is None else min(window, seq_len))
+    """Keys attended by all queries of one bidirectional sequence: s x s, or with a window the
+    (query, key) pairs less than w apart: s + 2 x sum of (s - d) for d = 1..min(w, s) - 1."""
+    reach = seq_len - 1 if window is None else min(window, seq_len) - 1
+    return seq_len + reach * (2 * seq_len - reach - 1)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -158,14 +165,16 @@ def flop_breakdown(
     """Training FLOPs per token of `model` at `seq_len`, by component (see the module docstring).
 
     Args:
-        causal: count only the keys a causal mask lets each query see ("mfumon" only; "palm" and
+        causal: for attention modules that do not say whether they are causal (``is_causal``),
+            count only the keys a causal mask lets each query see ("mfumon" only; "palm" and
             "chinchilla" are non-causal by definition and "6N" has no attention term).
         doc_lengths: lengths of the documents packed into the batch (each <= seq_len): the
             attention term becomes the keys summed over documents divided by their total tokens,
             i.e. per token averaged over the batch's tokens ("mfumon" only).
         experts, top_k: passed to :func:`mfumon.count_params` for custom MoE layouts.
         attention: one AttentionShape per attention layer, replacing the ones read from the model
-            (for custom modules whose attention carries no head attributes).
+            (for custom modules whose attention carries no head attributes); a shape's `causal`
+            (None: `causal=`) says whether that layer is causal.
         recompute: what activation checkpointing re-runs, in the `recompute` field (HFU): "auto"
             (found on the model, see :mod:`mfumon.recompute`), "none", a fraction in [0, 1] of the
             model's forward FLOPs, or the checkpointed modules (each re-runs its forward once).
@@ -185,6 +194,8 @@ def flop_breakdown(
     layers = tuple(attention) if attention is not None else whole.attention
     if attention is not None and not all(isinstance(a, AttentionShape) for a in layers):
         raise ConfigTypeError("attention= takes a sequence of mfumon.AttentionShape, one per attention layer")
+    if attention is None:
+        _say_uncounted(model, whole)
     base = _components(whole, layers, seq_len, causal=causal, convention=convention, docs=docs)
     if spec == "none":
         return base
@@ -247,8 +258,7 @@ def _components(
     if convention == "palm":
         scores = sum(attention_training_flops(full_keys(seq_len, None), *_dims(a)) for a in layers)
         return FlopBreakdown(**weights, attn_scores=_per_token(scores, seq_len), other=other)
-    keys_of = causal_keys if causal else full_keys
-    scores = sum(attention_training_flops(sum(keys_of(n, a.window) for n in docs), *_dims(a)) for a in layers)
+    scores = sum(attention_training_flops(_keys(a, docs, causal), *_dims(a)) for a in layers)
     return FlopBreakdown(**weights, attn_scores=_per_token(scores, sum(docs)), other=other)
 
 
@@ -278,6 +288,38 @@ def flops_per_token(
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _keys(a: AttentionShape, docs: list[int], default_causal: bool) -> int:
+    """Keys one layer attends over the documents: causal as the module says, else `default_causal`."""
+    keys_of = causal_keys if (default_causal if a.causal is None else a.causal) else full_keys
+    return sum(keys_of(n, a.window) for n in docs)
+
+
+_TOLD: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose uncounted layers were named
+
+
+def _say_uncounted(model: nn.Module, found: Layout) -> None:
+    """Once per model: warn that cross-attention scores are not counted; note recurrent mixers."""
+    if model in _TOLD or not (found.cross_attention or found.recurrent):
+        return
+    _TOLD.add(model)
+    if found.recurrent:
+        log.info(
+            "mfumon: %d state-space / linear-attention layers (%s, ...) count their projections "
+            "(attn_proj) but no attention scores, and their scan is not counted",
+            len(found.recurrent),
+            found.recurrent[0],
+        )
+    if found.cross_attention:
+        warnings.warn(
+            f"mfumon does not count the attention scores of {len(found.cross_attention)} cross-attention "
+            f"layers ({found.cross_attention[0]}, ...): they attend over the encoder's length, which it does "
+            "not know (their projections are counted). To count them, pass attention=[mfumon.AttentionShape"
+            "(...)] for every layer, or flops_per_token=.",
+            MfumonWarning,
+            stacklevel=3,  # _say_uncounted <- flop_breakdown <- its caller
+        )
 
 
 def _dims(a: AttentionShape) -> tuple[int, int, int]:

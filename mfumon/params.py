@@ -68,6 +68,8 @@ class Layout:
     embedding: int  # same as counts.embedding
     attention: tuple[AttentionShape, ...]  # one per attention module, in model order
     moe: tuple[MoELayer, ...]
+    cross_attention: tuple[str, ...] = ()  # paths of cross-attention modules: scores not counted
+    recurrent: tuple[str, ...] = ()  # paths of state-space / linear-attention mixers: no scores
 
 
 EMPTY_LAYOUT = Layout(ParamCounts(0, 0, 0, 0, 0), 0, 0, 0, 0, 0, 0, (), ())  # a region without parameters
@@ -169,7 +171,7 @@ def _count(found: Structure) -> Layout:
             sums["lm"] += n
         elif pid in emb_ids:
             continue  # a lookup: 0 FLOPs
-        elif len(full_shape(p)) < 2:
+        elif len(full_shape(p)) < 2 or pid in found.elementwise_ids:  # (A_log of Mamba is 2-D)
             sums["vector"] += n
         elif pid in found.router_ids:
             sums["router"] += n
@@ -208,6 +210,8 @@ def _count(found: Structure) -> Layout:
         embedding=embedding,
         attention=found.attention,
         moe=moe,
+        cross_attention=found.cross_attention,
+        recurrent=found.recurrent,
     )
 
 

@@ -49,7 +49,8 @@ def test_keys_attended() -> None:
     assert causal_keys(16, None) == 136  # 1 + 2 + ... + 16 = 16*17/2
     assert causal_keys(16, 8) == 100  # 1 + ... + 8 = 36, then 8 positions x 8 keys = 64
     assert causal_keys(16, 32) == 136  # a window wider than the sequence changes nothing
-    assert full_keys(16, None) == 256 and full_keys(16, 8) == 128  # 16 x 16, 16 x 8
+    assert full_keys(16, None) == 256  # 16 x 16
+    assert full_keys(16, 8) == 184  # bidirectional window: pairs less than 8 apart, 16 + 2 x (15 + ... + 9)
 
 
 # --- the attention structure read from each model --------------------------------------------------
@@ -59,11 +60,17 @@ def test_keys_attended() -> None:
 @pytest.mark.parametrize(
     ("model_type", "shapes"),
     [
-        ("gpt2", [AttentionShape(4, 16, 16, None)] * 2),
-        ("llama", [AttentionShape(4, 16, 16, None)] * 2),  # GQA: 2 K/V heads do not change scores
-        ("mistral", [AttentionShape(4, 16, 16, 8)] * 2),
-        ("gpt_oss", [AttentionShape(4, 16, 16, 8), AttentionShape(4, 16, 16, None)]),  # layer_types
-        ("deepseek_v3", [AttentionShape(4, 16 + 8, 16, None)] * 3),  # MLA: qk = nope + rope, v = 16
+        ("gpt2", [AttentionShape(4, 16, 16, None, causal=True)] * 2),  # each module says is_causal
+        (
+            "llama",
+            [AttentionShape(4, 16, 16, None, causal=True)] * 2,
+        ),  # GQA: 2 K/V heads do not change scores
+        ("mistral", [AttentionShape(4, 16, 16, 8, causal=True)] * 2),
+        (
+            "gpt_oss",
+            [AttentionShape(4, 16, 16, 8, causal=True), AttentionShape(4, 16, 16, None, causal=True)],
+        ),
+        ("deepseek_v3", [AttentionShape(4, 16 + 8, 16, None, causal=True)] * 3),  # MLA: qk = nope + rope
     ],
 )
 def test_attention_shapes(model_type: str, shapes: list[AttentionShape]) -> None:
@@ -93,7 +100,7 @@ def test_llama_breakdown_by_convention() -> None:
     assert mfumon.total == 6 * count_params(model).matmul_active + mfumon.attn_scores
     palm = flop_breakdown(model, S, convention="palm")
     assert palm.attn_scores == 12 * 2 * 4 * 16 * S  # PaLM's 12*L*H*Q*T
-    assert flop_breakdown(model, S, causal=False) == palm  # non-causal mfumon = palm without windows
+    assert flop_breakdown(model, S, causal=False) == mfumon  # LlamaAttention says is_causal: causal= is moot
     six_n = flop_breakdown(model, S, convention="6N")
     assert six_n.total == 6 * count_params(model).matmul_active and six_n.attn_scores == 0
     chinchilla = flop_breakdown(model, S, convention="chinchilla")
@@ -109,7 +116,7 @@ def test_sliding_windows_per_layer() -> None:
     per_key = 6 * 4 * (16 + 16)
     mistral = hf_model("mistral")  # window 8 in both layers
     assert flop_breakdown(mistral, S).attn_scores == 2 * per_key * 100 // S
-    assert flop_breakdown(mistral, S, causal=False).attn_scores == 2 * per_key * 128 // S  # 16 x min(16, 8)
+    assert flop_breakdown(mistral, S, causal=False) == flop_breakdown(mistral, S)  # the model says causal
     gpt_oss = hf_model("gpt_oss")  # layer 0 sliding (8), layer 1 full
     assert flop_breakdown(gpt_oss, S).attn_scores == per_key * (100 + 136) // S
 

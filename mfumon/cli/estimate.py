@@ -34,7 +34,12 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--config", required=True, type=Path, help="path to a config.json (or its folder)")
     parser.add_argument("--seq-len", required=True, type=int, help="tokens per training sequence")
-    parser.add_argument("--no-causal", dest="causal", action="store_false", help="count every key per query")
+    parser.add_argument(
+        "--no-causal",
+        dest="causal",
+        action="store_false",
+        help="count every key per query in attention layers that do not say whether they are causal",
+    )
     parser.add_argument(
         "--convention", default="mfumon", choices=CONVENTIONS, help="FLOP convention (default mfumon)"
     )
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(_counts_table(counts))
     print()
-    causal = "causal" if args.causal else "not causal"
+    causal = "causal" if args.causal else "bidirectional"
+    causal += " attention where the model does not say"
     print(
         f"Training FLOPs per token (forward + backward), {args.convention}, seq_len {args.seq_len}, {causal}"
     )

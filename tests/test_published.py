@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from mfumon.params import ParamCounts, count_params
+from mfumon.params import ParamCounts, count_params, layout
 
 pytestmark = pytest.mark.transformers
 
@@ -123,6 +123,52 @@ GPT2 = {  # openai-community/gpt2
     "vocab_size": 50257,
 }
 
+BAMBA_9B = {  # ibm-fms/Bamba-9B config.json (also ibm-ai-platform/Bamba-9B)
+    "model_type": "bamba",
+    "attn_layer_indices": [9, 18, 27],
+    "attn_rotary_emb": 64,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "mamba_chunk_size": 256,
+    "mamba_conv_bias": True,
+    "mamba_d_conv": 4,
+    "mamba_d_head": 64,
+    "mamba_d_state": 128,
+    "mamba_dt_rank": 256,
+    "mamba_expand": 2,
+    "mamba_n_groups": 1,
+    "mamba_n_heads": 128,
+    "mamba_proj_bias": False,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+    "vocab_size": 128256,
+}
+
+JAMBA_V01 = {  # ai21labs/Jamba-v0.1 config.json
+    "model_type": "jamba",
+    "attn_layer_offset": 4,
+    "attn_layer_period": 8,
+    "expert_layer_offset": 1,
+    "expert_layer_period": 2,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "mamba_conv_bias": True,
+    "mamba_d_conv": 4,
+    "mamba_d_state": 16,
+    "mamba_dt_rank": 256,
+    "mamba_expand": 2,
+    "mamba_proj_bias": False,
+    "num_attention_heads": 32,
+    "num_experts": 16,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+    "vocab_size": 65536,
+}
+
 
 def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
     pytest.importorskip("transformers")
@@ -205,3 +251,42 @@ def test_gpt2() -> None:
     counts = _check(_meta_model(GPT2), total, total)
     assert total == 124_439_808 and round(total / 1e6) == 124  # "124M"
     assert counts.lm_head == V * d and counts.matmul_active == total - P * d  # tied head multiplies
+
+
+def _hybrid_layers(model: torch.nn.Module, attention: int, mixers: int) -> None:
+    found = layout(model)
+    assert len(found.attention) == attention and {a.causal for a in found.attention} == {True}
+    assert len(found.recurrent) == mixers  # no softmax term for these (docs/accounting.md)
+
+
+def test_bamba_9b() -> None:
+    V, d, L, f = 128256, 4096, 32, 14336
+    H, P, N = 128, 64, 128  # Mamba2 heads, head width, state
+    d_inner, conv = H * P, H * P + 2 * N  # conv over x, B and C (one group)
+    mamba = d * (d_inner + conv + H) + conv * 4 + conv + 3 * H + d_inner + d_inner * d
+    # in_proj (z, x, B, C, dt), depthwise conv + bias, dt_bias / A_log / D, gated norm, out_proj
+    attn = d * 4096 + 2 * d * 1024 + 4096 * d  # q, k, v (8 K/V heads x 128), o
+    total = 2 * V * d + 29 * mamba + 3 * attn + L * (3 * d * f + 2 * d) + d  # attention in layers 9, 18, 27
+    model = _meta_model(BAMBA_9B)
+    _check(model, total, total)
+    assert round(total / 1e9, 2) == 9.78  # "Bamba 9B (9.78B)", transformers docs, model_doc/bamba
+    _hybrid_layers(model, attention=3, mixers=29)
+
+
+def test_jamba_v01() -> None:
+    V, d, L, f, E, k = 65536, 4096, 32, 14336, 16, 2
+    d_inner, N, R = 2 * d, 16, 256  # expand 2, state 16, dt rank 256
+    in_proj, conv, x_proj, dt_proj = d * 2 * d_inner, d_inner * 5, d_inner * (R + 2 * N), (R + 1) * d_inner
+    # in_proj (x, gate), depthwise conv (kernel 4) + bias, x_proj (dt, B, C), dt_proj + bias
+    mamba = in_proj + conv + x_proj + dt_proj + d_inner * (N + 1) + d_inner * d + R + 2 * N
+    # ... A_log (d_inner x N) and D, out_proj, the dt / B / C layernorms
+    attn = d * 4096 + 2 * d * 1024 + 4096 * d
+    experts = E * 3 * d * f
+    layers = 28 * mamba + 4 * attn + 16 * 3 * d * f + 16 * (experts + d * E) + L * 2 * d  # MoE in odd layers
+    total = 2 * V * d + layers + d
+    active = total - 16 * experts * (E - k) // E
+    model = _meta_model(JAMBA_V01)
+    _check(model, total, active)
+    # "12B active parameters and a total of 52B parameters across all experts" (ai21labs/Jamba-v0.1 card)
+    assert round(total / 1e9) == 52 and round(active / 1e9) == 12
+    _hybrid_layers(model, attention=4, mixers=28)

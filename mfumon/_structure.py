@@ -148,15 +148,36 @@ def _find_attention(
         if shape is not None:
             candidates.append((path, shape, m))
     paths = [path for path, _, _ in candidates]
+    innermost = [c for c in candidates if not any(other.startswith(c[0] + ".") for other in paths)]
+    second = _second_of_pairs(named[0][1], [(path, m) for path, _, m in innermost])
     found, cross = [], []
-    for path, shape, m in candidates:
-        if any(other.startswith(path + ".") for other in paths):
-            continue
-        if _is_cross(m, by_path.get(path.rpartition(".")[0])):
+    for path, shape, m in innermost:
+        if path in second or _is_cross(m, by_path.get(path.rpartition(".")[0])):
             cross.append((path, m))
         else:
             found.append((shape, m))
     return found, cross
+
+
+def _second_of_pairs(model: nn.Module, attention: list[tuple[str, nn.Module]]) -> set[str]:
+    """Cross-attention that says only ``is_decoder=True`` (T5 and BERT decoders on transformers 4.x):
+    in a model built for cross-attention, the second of the two such modules in one decoder layer."""
+    config = getattr(model, "config", None)
+    if not (getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False)):
+        return set()
+    unsaid = [
+        p for p, m in attention if getattr(m, "is_decoder", None) is True and _says(m, "is_causal") is None
+    ]
+    second = set()
+    for path in unsaid:
+        parts = path.split(".")
+        for depth in range(len(parts) - 1, 0, -1):  # the nearest layer holding another such module
+            layer = [p for p in unsaid if _within(p, ".".join(parts[:depth]))]
+            if len(layer) > 1:
+                if len(layer) == 2 and path == layer[1]:
+                    second.add(path)
+                break
+    return second
 
 
 def _find_recurrent(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -200,11 +221,13 @@ def _shape(m: nn.Module) -> AttentionShape | None:
 
 def _causal(m: nn.Module) -> bool | None:
     """What attention module `m` says: `is_causal`, else BERT-family `is_decoder` (transformers 4.x)."""
-    for name in ("is_causal", "is_decoder"):
-        says = getattr(m, name, None)
-        if isinstance(says, bool):
-            return says
-    return None
+    says = _says(m, "is_causal")
+    return says if says is not None else _says(m, "is_decoder")
+
+
+def _says(m: nn.Module, name: str) -> bool | None:
+    value = getattr(m, name, None)
+    return value if isinstance(value, bool) else None
 
 
 def _is_cross(m: nn.Module, parent: nn.Module | None) -> bool:

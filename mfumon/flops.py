@@ -306,7 +306,7 @@ def _say_uncounted(model: nn.Module, found: Layout) -> None:
     _TOLD.add(model)
     if found.recurrent:
         log.info(
-            "mfumon: %d state-space / linear-attention layers (%s, ...) count their projections "
+            "mfumon: state-space / linear-attention layers (%d: %s, ...) count their projections "
             "(attn_proj) but no attention scores, and their scan is not counted",
             len(found.recurrent),
             found.recurrent[0],

@@ -16,6 +16,7 @@ training step. The measured step is compared op by op (the "Global" counts of Fl
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -103,11 +104,6 @@ def _build(model_type: str, auto_class: str, *, attn: str = "eager", **config: A
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     torch.manual_seed(0)
     return getattr(transformers, auto_class).from_config(hf_config, attn_implementation=attn)
-
-
-def _major() -> int:
-    transformers = pytest.importorskip("transformers")
-    return int(transformers.__version__.split(".")[0])
 
 
 def _op_flops(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -249,9 +245,9 @@ def test_cross_attention_named_once_and_not_counted() -> None:
     flop_breakdown(bart, S)  # said once per model: no second warning (filterwarnings makes it an error)
 
 
-def test_bert_cross_attention_flagged_on_the_parent() -> None:
-    if _major() < 5:
-        pytest.skip("transformers 4.x BERT cross-attention says nothing that tells it from self-attention")
+def test_bert_cross_attention() -> None:
+    # transformers 5: flagged on the parent (BertAttention.is_cross_attention); 4.x: the second
+    # attention that says only is_decoder=True in each layer of a model built with add_cross_attention
     config = dict(_SMALL, max_position_embeddings=64, is_decoder=True, add_cross_attention=True)
     bert = _build("bert", "AutoModelForCausalLM", **config)
     found = layout(bert)
@@ -259,6 +255,20 @@ def test_bert_cross_attention_flagged_on_the_parent() -> None:
     assert [a.causal for a in found.attention] == [True, True]
     with pytest.warns(MfumonWarning, match="cross-attention"):
         assert flop_breakdown(bert, S).attn_scores == 2 * PER_KEY * CAUSAL_KEYS // S
+
+
+def test_t5_cross_attention() -> None:
+    # transformers 5: EncDecAttention says is_decoder=True, is_causal=False; 4.x: the second of the
+    # two is_decoder attentions in each decoder block
+    config = dict(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4
+    )
+    t5 = _build("t5", "AutoModelForSeq2SeqLM", **config)
+    found = layout(t5)
+    assert [a.causal for a in found.attention] == [False, False, True, True]  # encoder, decoder
+    assert found.cross_attention == tuple(f"decoder.block.{i}.layer.1.EncDecAttention" for i in (0, 1))
+    with pytest.warns(MfumonWarning, match="cross-attention"):
+        assert flop_breakdown(t5, S).attn_scores == PER_KEY * (2 * S * S + 2 * CAUSAL_KEYS) // S
 
 
 # --- state-space and linear-attention layers --------------------------------------------------------
@@ -283,8 +293,13 @@ def test_hybrid_mixers_have_no_softmax_term(model_type: str) -> None:
     assert ops["convolution"] == 2 * conv * (S + 3) * B  # depthwise conv over s + k - 1 padded positions
 
 
-def test_bamba_components_by_hand() -> None:
+def test_bamba_components_by_hand(caplog: pytest.LogCaptureFixture) -> None:
     bamba = _build("bamba", "AutoModelForCausalLM", **HYBRIDS["bamba"])
+    with caplog.at_level(logging.INFO, logger="mfumon"):
+        flop_breakdown(bamba, S)
+        flop_breakdown(bamba, S)
+    said = [r.getMessage() for r in caplog.records if r.name == "mfumon"]
+    assert len(said) == 1 and "state-space / linear-attention layers (1: model.layers.0.mamba" in said[0]
     in_proj = 64 * (128 + 160 + 8)  # x and gate z (8 heads x 16), conv channels (x, B, C), dt per head
     mixer = in_proj + 160 * 4 + 128 * 64  # in_proj, depthwise conv, out_proj
     attention = 64 * 64 + 2 * 64 * 32 + 64 * 64  # q, k, v (2 K/V heads), o

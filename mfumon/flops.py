@@ -194,7 +194,7 @@ def flop_breakdown(
     layers = tuple(attention) if attention is not None else whole.attention
     if attention is not None and not all(isinstance(a, AttentionShape) for a in layers):
         raise ConfigTypeError("attention= takes a sequence of mfumon.AttentionShape, one per attention layer")
-    if attention is None:
+    if attention is None and convention != "6N":  # "6N" counts no attention scores anywhere
         _say_uncounted(model, whole)
     base = _components(whole, layers, seq_len, causal=causal, convention=convention, docs=docs)
     if spec == "none":

@@ -59,6 +59,7 @@ class Structure:
     router_ids: set[int]  # routers and shared-expert gates
     attention_ids: set[int]  # parameters inside attention modules
     attention: tuple[AttentionShape, ...]  # one per attention module, in model order
+    attention_paths: tuple[str, ...] = ()  # the module path of each
 
 
 def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k: int | None) -> Structure:
@@ -73,6 +74,7 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
     lm_head = _find_lm_head(model, named)
     moe_layers, routed, router_ids = find_moe(model, named, explicit, top_k)
     attn_modules = _find_attention(named, exclude=set(routed) | router_ids)
+    paths = {id(m): path for path, m in named}
     return Structure(
         params=params,
         embedding_ids=emb_ids,
@@ -83,6 +85,7 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
         router_ids=router_ids,
         attention_ids={id(p) for _, m in attn_modules for p in all_params(m)},
         attention=tuple(shape for shape, _ in attn_modules),
+        attention_paths=tuple(paths[id(m)] for _, m in attn_modules),
     )
 
 

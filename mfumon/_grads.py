@@ -8,10 +8,10 @@ passes and `mfumon.flops` turns them into FLOPs.
 
 Where the parameters require grad is read off them. Whether an input requires grad is seen in a
 training step (:class:`GradProbe`, :func:`observe_grads`); before any step it is taken by model order:
-an input needs a gradient when a trainable parameter is registered before its module, or anywhere
-else in its layer (an entry of a ModuleList). That is exact for frozen embeddings, frozen lower layers
-and a trained head alone, and counts too much where a trainable branch runs beside a frozen one (LoRA:
-the first layer's frozen projections and LoRA A matrices get an input gradient they do not run). A
+an input needs a gradient when a trainable parameter is registered before its module, or a trainable
+norm anywhere else in its layer (see `_by_order`). That is exact for frozen embeddings, frozen lower
+layers and a trained head alone, and counts too much where a trainable branch runs beside a frozen one
+(LoRA on q and v: the first layer's k and v get an input gradient they do not run). A
 model with no frozen parameter counts every pass (6 per weight, the 6N convention), also for a first
 layer whose input is raw data, and is not watched.
 """
@@ -132,34 +132,33 @@ def _by_order(named: list[tuple[str, nn.Module]]) -> tuple[dict[str, bool], bool
     """Whether each module's input needs a gradient by model order, and whether any parameter is trained.
 
     A module's input needs one when a trainable parameter is registered before it (its ancestors' own
-    parameters not counted: a parent's run after its children in most models) or, inside an entry of
-    a ModuleList (a layer: transformers registers the norms after attention and MLP, so order inside
-    a layer says nothing), anywhere in that layer outside the module itself.
+    parameters not counted: a parent's often run after its children), or when a trainable norm (a
+    module of vectors only) is anywhere else in its layer, an entry of a ModuleList: transformers
+    registers a layer's norms after its attention and MLP, though they run before them.
     """
     n = len(named)
     index = {path: i for i, (path, _) in enumerate(named)}
     parent = [index.get(path.rpartition(".")[0], -1) if path else -1 for path, _ in named]
-    own = [sum(p.requires_grad for p in own_params(m)) for _, m in named]  # trainable tensors
-    below = list(own)  # in the module's subtree
-    for i in reversed(range(n)):  # children come after their parents
+    own = [[p for p in own_params(m) if p.requires_grad] for _, m in named]  # trainable own tensors
+    norms = [
+        len(ps) if all(len(full_shape(p)) < 2 for p in own_params(m)) else 0
+        for ps, (_, m) in zip(own, named, strict=True)
+    ]
+    for i in reversed(range(n)):  # children come after their parents: subtree sums
         if parent[i] >= 0:
-            below[parent[i]] += below[i]
+            norms[parent[i]] += norms[i]
     layer = [-1] * n  # the outermost ModuleList entry holding i (itself included)
     for i, p in enumerate(parent):
         if p >= 0:
             layer[i] = layer[p] if layer[p] >= 0 else (i if isinstance(named[p][1], nn.ModuleList) else -1)
-    before = [False] * n  # a trainable parameter in a module whose subtree ended before i
-    seen, open_ = False, []  # open_: i's ancestors, in order
+    needs: dict[str, bool] = {}
+    seen, open_ = False, []  # seen: a trainable parameter in a module whose subtree ended; open_: ancestors
     for i, (path, _) in enumerate(named):
         while open_ and not _inside(path, named[open_[-1]][0]):
-            seen |= own[open_.pop()] > 0
-        before[i] = seen
+            seen |= bool(own[open_.pop()])
+        needs[path] = seen or (layer[i] >= 0 and norms[layer[i]] > norms[i])
         open_.append(i)
-    needs = {
-        path: before[i] if layer[i] < 0 else before[layer[i]] or below[layer[i]] > below[i]
-        for i, (path, _) in enumerate(named)
-    }
-    return needs, n > 0 and below[0] > 0
+    return needs, any(own)
 
 
 def _inside(path: str, ancestor: str) -> bool:

@@ -174,6 +174,49 @@ def test_llama_against_flop_counter(case: str, attn: str) -> None:
     assert qkv[first] == {"lora": (True, False, True), "lower": (False,) * 3, "head": (False,) * 3}[case]
 
 
+def freeze_lower_half(model: nn.Module) -> nn.Module:
+    """Freeze the input tables and the lower half of the decoder layers of a transformers causal LM."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    for m in inner.modules():
+        if isinstance(m, nn.Embedding):
+            m.requires_grad_(False)
+    layers = next(c for c in inner.children() if isinstance(c, nn.ModuleList))
+    for layer in layers[: len(layers) // 2]:
+        layer.requires_grad_(False)
+    return model
+
+
+FAMILIES = {  # 4 layers each: two frozen, two trained
+    "gpt2": dict(n_layer=L),  # fused QKV Conv1D, tied lm_head (frozen with the table)
+    "mixtral": dict(num_hidden_layers=L),  # routed experts x top_k/E
+    "qwen2_moe": dict(num_hidden_layers=L),  # shared expert and its gate
+    "deepseek_v3": dict(num_hidden_layers=L),  # MLA, a dense first layer
+    "gpt_oss": dict(num_hidden_layers=L, layer_types=["sliding_attention", "full_attention"] * 2),  # sinks
+}
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_lower_half_frozen_across_families(model_type: str) -> None:
+    pytest.importorskip("transformers")
+    model = freeze_lower_half(hf_model(model_type, **FAMILIES[model_type]))
+    measured, counted, observed = measured_and_counted(model)
+    assert measured == pytest.approx(counted, rel=1e-4)  # eager: every skipped gradient skipped
+    everything = flop_breakdown(model, S, convention="palm", grads="all")
+    assert measured < 0.8 * (everything.total - everything.other) * TOKENS  # 0.1's count was far off
+    assert [qkv for _, qkv in observed.attention] == [(False,) * 3] * 2 + [(True,) * 3] * 2
+
+
+@pytest.mark.transformers
+def test_lora_on_a_fused_qkv_projection() -> None:
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(hf_model("gpt2"), peft.LoraConfig(r=8, target_modules=["c_attn"]))
+    measured, counted, observed = measured_and_counted(model)
+    assert measured == pytest.approx(counted, rel=1e-4)
+    assert [qkv for _, qkv in observed.attention] == [(True,) * 3] * 2  # one LoRA feeds Q, K and V
+
+
 @pytest.mark.transformers
 def test_before_any_step_model_order_is_exact_for_frozen_layers_and_over_for_lora() -> None:
     pytest.importorskip("transformers")

@@ -39,6 +39,7 @@ __all__ = [
     "GradProbe",
     "ObservedGrads",
     "check_grads",
+    "grad_flow",
     "observe_grads",
 ]
 
@@ -199,7 +200,7 @@ class GradProbe:
             if attention:
                 shape = attention_shape(m)
                 dims = (shape.qk_head_dim, shape.v_head_dim) if shape is not None else None
-                post = functools.partial(self._guard, self._post, path, dims)
+                post = functools.partial(self._post, path, dims)  # always: it takes the mode off
                 self._handles.append(m.register_forward_hook(post, always_call=True))
 
     def result(self) -> ObservedGrads | None:
@@ -242,12 +243,15 @@ class GradProbe:
         if not self._open or self._open[-1][0] != path:
             return
         _, calls = self._open.pop()
-        if not self._open:
-            self._mode.__exit__(None, None, None)
-        qkv = _qkv_of(calls, dims)
-        if qkv is not None:
-            old = self._qkv.get(path, (False, False, False))
-            self._qkv[path] = (old[0] or qkv[0], old[1] or qkv[1], old[2] or qkv[2])
+        try:
+            if not self._open:
+                self._mode.__exit__(None, None, None)
+            qkv = _qkv_of(calls, dims)
+            if qkv is not None:
+                old = self._qkv.get(path, (False, False, False))
+                self._qkv[path] = (old[0] or qkv[0], old[1] or qkv[1], old[2] or qkv[2])
+        except Exception as exc:  # a hook runs inside the user's forward: never raise there
+            self.error = self.error or exc
 
     def _record(self, name: str, args: tuple[Any, ...]) -> None:
         if not torch.is_grad_enabled():

@@ -97,7 +97,7 @@ class Layout:
 EMPTY_LAYOUT = Layout(  # a region without parameters
     ParamCounts(0, 0, 0, 0, 0), 0, 0, 0, 0, 0, 0, (), (), WeightPasses(0, 0, 0, 0, 0, 0), ()
 )
-EVERY_PASS = GradFlow(None, {}, True)  # every weight and input needs a gradient: 6 FLOPs per weight
+_EVERY_PASS = GradFlow(None, {}, True)  # every weight and input needs a gradient: 6 FLOPs per weight
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Layout]] = weakref.WeakKeyDictionary()
 
@@ -174,7 +174,7 @@ def layout(
     try:
         found = find_structure(model, explicit, top_k)
         every = grads == "all" or not frozen
-        flow = EVERY_PASS if every else grad_flow(named_modules(model), grads, found.attention_paths)
+        flow = _EVERY_PASS if every else grad_flow(named_modules(model), grads, found.attention_paths)
         counted = _count(found, flow)
     finally:
         if gc_was_enabled:

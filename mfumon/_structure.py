@@ -69,6 +69,7 @@ class Structure:
     cross_attention: tuple[str, ...] = ()  # paths of encoder-decoder cross-attention: scores not counted
     recurrent: tuple[str, ...] = ()  # paths of state-space / linear-attention mixers: no softmax scores
     elementwise_ids: frozenset[int] = frozenset()  # the mixers' own parameters (A_log, D, dt_bias)
+    attention_paths: tuple[str, ...] = ()  # the module path of each
 
 
 def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k: int | None) -> Structure:
@@ -84,6 +85,7 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
     moe_layers, routed, router_ids = find_moe(model, named, explicit, top_k)
     mixers = _find_recurrent(named)
     attn_modules, cross = _find_attention(named, exclude=set(routed) | router_ids, mixers=mixers)
+    paths = {id(m): path for path, m in named}
     return Structure(
         params=params,
         embedding_ids=emb_ids,
@@ -97,6 +99,7 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
         cross_attention=tuple(path for path, _ in cross),
         recurrent=tuple(path for path, _ in mixers),
         elementwise_ids=frozenset(id(p) for _, m in mixers for p in own_params(m)),
+        attention_paths=tuple(paths[id(m)] for _, m in attn_modules),
     )
 
 

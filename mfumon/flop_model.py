@@ -3,7 +3,9 @@
 `FlopModel` turns the monitor's FLOP arguments into `flops_per_token` (MFU numerator) and
 `hw_flops_per_token` (HFU numerator). With ``recompute="auto"`` it watches the first training step
 with a `mfumon.recompute.RecomputeProbe` and replaces the structural recompute count with what
-the step really re-ran; it also says once when checkpointing was switched on after setup.
+the step really re-ran; it also says once when checkpointing was switched on after setup. A model with
+frozen parameters is watched the same way (`mfumon._grads.GradProbe`): the model FLOPs are counted
+again from what needed a gradient in the first training step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfumon._grads import GradProbe
 from mfumon.errors import ConfigError, FaultLog, check_int, log
 from mfumon.flops import FlopBreakdown, flop_breakdown
 from mfumon.params import ParamCounts, count_params
@@ -49,6 +52,8 @@ class FlopModel:
         auto = model is not None and isinstance(recompute, str) and recompute == "auto"
         self._late_check = auto  # say once if checkpointing was enabled after setup
         self._watch = False
+        self._grad_probe: GradProbe | None = None  # watches the first step for what needs a gradient
+        self._watch_grads = False
         if flops_per_token is not None:
             self.flops_per_token = check_int("flops_per_token", flops_per_token, "training FLOPs per token")
             self.hw_flops_per_token = self.flops_per_token
@@ -64,6 +69,7 @@ class FlopModel:
         self.flops_per_token = self.breakdown.total
         self.hw_flops_per_token = self.breakdown.hardware
         self._watch = auto and bool(self.breakdown.recompute)
+        self._watch_grads = any(not p.requires_grad for p in model.parameters())
 
     def watch_first_step(self) -> None:
         """Hook the checkpointed regions to see what the first step re-runs (call last at setup)."""
@@ -72,9 +78,16 @@ class FlopModel:
                 self._probe = RecomputeProbe(self.model)
             except Exception as exc:
                 self._faults.fault("recompute", exc)
+        if self._watch_grads and self.model is not None and self._grad_probe is None:
+            try:
+                self._grad_probe = GradProbe(self.model)
+            except Exception as exc:
+                self._faults.fault("grads", exc)
 
     def after_step(self) -> None:
         """Call after each optimizer step: refines recompute once a backward ran; cheap after that."""
+        if self._grad_probe is not None:
+            self._refine_grads()
         if self._probe is not None:
             self._refine()
         elif self._late_check:
@@ -82,10 +95,13 @@ class FlopModel:
             self._check_late_checkpointing()
 
     def close(self) -> None:
-        """Take the probe's hooks off the model."""
+        """Take the probes' hooks off the model."""
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
+        if self._grad_probe is not None:
+            self._grad_probe.remove()
+            self._grad_probe = None
 
     def params(self) -> ParamCounts | None:
         """Parameter counts of the model (cached), None when FLOPs were given instead."""
@@ -123,3 +139,28 @@ class FlopModel:
         except Exception as exc:  # keep the structural estimate
             self._faults.fault("recompute", exc)
         self.close()
+
+    def _refine_grads(self) -> None:
+        """Once a training forward ran: model FLOPs from what needed a gradient in it (frozen weights)."""
+        probe, model, seq_len, before = self._grad_probe, self.model, self.seq_len, self.breakdown
+        if probe is None or model is None or seq_len is None or before is None:
+            return
+        try:
+            observed = probe.result()
+            if observed is None:
+                return  # no training forward yet
+            refined = flop_breakdown(model, seq_len, recompute="none", grads=observed, **self._options)
+            self.breakdown = replace(refined, recompute=before.recompute)
+            self.flops_per_token = self.breakdown.total
+            self.hw_flops_per_token = self.breakdown.hardware
+            if refined.total != before.total:
+                log.info(
+                    "mfumon: frozen weights: %s FLOPs per token from what the first step computed "
+                    "gradients for (%s by model order)",
+                    f"{refined.total:,}",
+                    f"{before.total:,}",
+                )
+        except Exception as exc:  # keep the count by model order
+            self._faults.fault("grads", exc)
+        probe.remove()
+        self._grad_probe = None

@@ -2,7 +2,7 @@
 
 Conventions (``convention=``), all per token of training (forward + backward = 3 x forward):
 
-- ``"mfumon"`` (default): 6 x matmul_active, plus per attention layer
+- ``"mfumon"`` (default): 6 x matmul_active (frozen weights: below), plus per attention layer
   6 x heads x (qk_head_dim + v_head_dim) x keys, where keys is the mean number of keys a query
   attends. Each layer is causal or bidirectional as its module says (``is_causal``); ``causal=``
   decides only for modules that do not say. Causal: (s + 1) / 2, capped by the layer's sliding
@@ -17,6 +17,11 @@ Conventions (``convention=``), all per token of training (forward + backward = 3
 - ``"chinchilla"`` (Hoffmann et al. 2022, App. F): the embedding counts as a matmul
   (6 x embedding), the weight matrices as above, attention as in "palm", the softmax at
   3 FLOPs per score (x3 for training: 9 x heads x s per layer); norms and biases are not counted.
+
+Frozen weights (``grads=``): a weight costs 2 FLOPs per token per pass over it, the forward, its own
+gradient where it requires one, its input's gradient where that input requires one (6 when all three
+run; 2 or 4 when frozen). Attention's Q@K^T backward computes dQ and dK only where needed, A@V's dA
+where Q or K needs a gradient and dV where V does. :mod:`mfumon._grads` says which need one.
 
 ``FlopBreakdown.recompute`` (HFU only) is the forward, under the same convention, of each module
 activation checkpointing re-runs: :mod:`mfumon.recompute` says which modules re-run, this module
@@ -35,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfumon._grads import ALL_QKV, QKV
 from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int, log
 from mfumon.params import Layout, layout, region_layout
@@ -51,6 +57,7 @@ __all__ = [
     "full_keys",
     "grouped_mm_flops",
     "matmul_flops",
+    "matmul_pass_flops",
     "matmul_training_flops",
     "sdpa_backward_flops",
     "sdpa_forward_flops",
@@ -72,13 +79,13 @@ _ALWAYS_RERUN = ("other",)
 class FlopBreakdown:
     """Training (forward + backward) FLOPs per token, by component; `total` is model FLOPs (MFU)."""
 
-    attn_proj: int  # Q/K/V/O and MLA low-rank projections: 6 x their weight matrices
+    attn_proj: int  # Q/K/V/O and MLA low-rank projections: 6 x their weight matrices (frozen: 2 or 4)
     attn_scores: int  # Q@K^T and A@V over the keys each query attends
     mlp: int  # dense MLPs, shared experts, routed experts x top_k/E: 6 x weight matrices
     router: int  # routers and shared-expert gates: 6 x weight matrices
     lm_head: int  # output projection: 6 x its weight matrix
     other: int = 0  # 6 x norm scales, biases, sinks: the rest of matmul_active (not chinchilla)
-    embedding: int = 0  # chinchilla only: the input tables as one-hot matmuls, 6 x embedding
+    embedding: int = 0  # chinchilla only: the input tables as one-hot matmuls, 6 x embedding (frozen: 2)
     softmax: int = 0  # chinchilla only: 9 x heads x keys per layer
     recompute: int = 0  # extra FLOPs re-run by activation checkpointing (HFU); not part of total
 
@@ -104,12 +111,23 @@ def matmul_training_flops(weights: int) -> int:
     return 6 * weights  # 2 forward + 4 backward per weight per token (Kaplan et al. 2020, sec. 2.1)
 
 
-def attention_training_flops(keys: int, heads: int, qk_head_dim: int, v_head_dim: int) -> int:
-    return 6 * keys * heads * (qk_head_dim + v_head_dim)  # 3 x (Q@K^T 2*dqk + A@V 2*dv) per key (PaLM App. B)
+def matmul_pass_flops(weight_passes: int) -> int:
+    return 2 * weight_passes  # 2 per weight per pass: forward, its gradient, its input's gradient
 
 
-def softmax_training_flops(keys: int, heads: int) -> int:
-    return 9 * keys * heads  # 3 per score forward, backward 2x forward (Hoffmann et al. 2022, App. F)
+def attention_training_flops(
+    keys: int, heads: int, qk_head_dim: int, v_head_dim: int, grads: QKV = ALL_QKV
+) -> int:
+    """Q@K^T (2*dqk per key) and A@V (2*dv): forward, and the backward products `grads` (Q, K, V) need.
+
+    With every gradient, 3 x forward: 6 x keys x heads x (dqk + dv) (PaLM, arXiv:2204.02311, App. B).
+    """
+    q, k, v = grads  # Q@K^T: forward, dQ, dK; A@V: forward, dA (if Q or K needs it), dV
+    return 2 * keys * heads * ((1 + q + k) * qk_head_dim + (1 + (q or k) + v) * v_head_dim)
+
+
+def softmax_training_flops(keys: int, heads: int, backward: bool = True) -> int:
+    return (9 if backward else 3) * keys * heads  # 3 per score forward, backward 2x (Hoffmann 2022, App. F)
 
 
 def forward_flops(training_flops: int) -> int:
@@ -161,6 +179,7 @@ def flop_breakdown(
     top_k: int | None = None,
     attention: Sequence[AttentionShape] | None = None,
     recompute: Any = "auto",
+    grads: Any = "auto",
 ) -> FlopBreakdown:
     """Training FLOPs per token of `model` at `seq_len`, by component (see the module docstring).
 
@@ -178,6 +197,10 @@ def flop_breakdown(
         recompute: what activation checkpointing re-runs, in the `recompute` field (HFU): "auto"
             (found on the model, see :mod:`mfumon.recompute`), "none", a fraction in [0, 1] of the
             model's forward FLOPs, or the checkpointed modules (each re-runs its forward once).
+        grads: which weights' inputs and attention Q/K/V need a gradient where some parameters are
+            frozen: "auto" (the parameters' requires_grad, inputs by model order), "all" (every weight
+            trained, 6 per weight), or an observed step (:func:`mfumon.params.observe_grads`).
+            User-given ``attention=`` layers count a full backward.
     """
     seq_len = check_int("seq_len", seq_len, "tokens per sequence")
     if not isinstance(causal, bool):
@@ -190,24 +213,28 @@ def flop_breakdown(
         raise ConfigError(f"doc_lengths applies to convention='mfumon' only, not {convention!r}")
     docs = _check_docs(doc_lengths, seq_len)
     spec = check_recompute(recompute)
-    whole = layout(model, experts=experts, top_k=top_k)
+    whole = layout(model, experts=experts, top_k=top_k, grads=grads)
     layers = tuple(attention) if attention is not None else whole.attention
     if attention is not None and not all(isinstance(a, AttentionShape) for a in layers):
         raise ConfigTypeError("attention= takes a sequence of mfumon.AttentionShape, one per attention layer")
     if attention is None and convention != "6N":  # "6N" counts no attention scores anywhere
         _say_uncounted(model, whole)
-    base = _components(whole, layers, seq_len, causal=causal, convention=convention, docs=docs)
+    qkv = whole.attention_grads if attention is None else (ALL_QKV,) * len(layers)
+    options: dict[str, Any] = {"causal": causal, "convention": convention, "docs": docs}
+    base = _components(whole, layers, qkv, seq_len, **options)
     if spec == "none":
         return base
-    if isinstance(spec, float):  # a fraction of the model's forward
-        return replace(base, recompute=round(spec * forward_flops(base.total)))
+    if isinstance(spec, float):  # a fraction of the model's forward: a third of the all-trained count
+        every = layout(model, experts=experts, top_k=top_k, grads="all")
+        trained = _components(every, layers, (ALL_QKV,) * len(layers), seq_len, **options).total
+        return replace(base, recompute=round(spec * forward_flops(trained)))
 
     def region(module: nn.Module, path: str, saves: frozenset[str]) -> int:
         """Training FLOPs per token of one module's subtree that re-run, less what `saves` keeps."""
         sub, sub_layers = region_layout(model, module, path, whole, experts=experts, top_k=top_k)
         if attention is not None:
             sub_layers = ()  # user-given shapes belong to no module: the region's attention is not known
-        flops = _components(sub, sub_layers, seq_len, causal=causal, convention=convention, docs=docs)
+        flops = _components(sub, sub_layers, (ALL_QKV,) * len(sub_layers), seq_len, **options)
         kept = {name for category in saves for name in _RERUN_FIELDS[category]}
         rerun_fields = [n for names in _RERUN_FIELDS.values() for n in names if n not in kept]
         return sum(getattr(flops, n) for n in (*rerun_fields, *_ALWAYS_RERUN))
@@ -228,37 +255,41 @@ def flop_breakdown(
 def _components(
     layout: Layout,
     layers: Sequence[AttentionShape],
+    qkv: Sequence[QKV],
     seq_len: int,
     *,
     causal: bool,
     convention: str,
     docs: list[int],
 ) -> FlopBreakdown:
-    """The breakdown of one parameter layout and its attention layers under `convention`."""
+    """The breakdown of one parameter layout and its attention layers (their Q/K/V gradients `qkv`)."""
+    passes = layout.passes  # each weight's passes per token: 3 when trained, 1 or 2 when frozen
     weights = {
-        "attn_proj": matmul_training_flops(layout.attn_weights),
-        "mlp": matmul_training_flops(layout.mlp_weights),
-        "router": matmul_training_flops(layout.router_weights),
-        "lm_head": matmul_training_flops(layout.lm_head_weights),
+        "attn_proj": matmul_pass_flops(passes.attn),
+        "mlp": matmul_pass_flops(passes.mlp),
+        "router": matmul_pass_flops(passes.router),
+        "lm_head": matmul_pass_flops(passes.lm_head),
     }
+    pairs = list(zip(layers, qkv, strict=True))  # each attention layer, whether its Q, K, V need a gradient
     if convention == "chinchilla":
+        full = full_keys(seq_len, None)
         return FlopBreakdown(
             **weights,
             attn_scores=_per_token(
-                sum(attention_training_flops(full_keys(seq_len, None), *_dims(a)) for a in layers), seq_len
+                sum(attention_training_flops(full, *_dims(a), g) for a, g in pairs), seq_len
             ),
-            embedding=matmul_training_flops(layout.embedding),
+            embedding=matmul_pass_flops(passes.embedding),
             softmax=_per_token(
-                sum(softmax_training_flops(full_keys(seq_len, None), a.heads) for a in layers), seq_len
+                sum(softmax_training_flops(full, a.heads, g[0] or g[1]) for a, g in pairs), seq_len
             ),
         )
-    other = matmul_training_flops(layout.vector_params)
+    other = matmul_pass_flops(passes.vector)
     if convention == "6N":
         return FlopBreakdown(**weights, attn_scores=0, other=other)
     if convention == "palm":
-        scores = sum(attention_training_flops(full_keys(seq_len, None), *_dims(a)) for a in layers)
+        scores = sum(attention_training_flops(full_keys(seq_len, None), *_dims(a), g) for a, g in pairs)
         return FlopBreakdown(**weights, attn_scores=_per_token(scores, seq_len), other=other)
-    scores = sum(attention_training_flops(_keys(a, docs, causal), *_dims(a)) for a in layers)
+    scores = sum(attention_training_flops(_keys(a, docs, causal), *_dims(a), g) for a, g in pairs)
     return FlopBreakdown(**weights, attn_scores=_per_token(scores, sum(docs)), other=other)
 
 
@@ -272,6 +303,7 @@ def flops_per_token(
     experts: Any = None,
     top_k: int | None = None,
     attention: Sequence[AttentionShape] | None = None,
+    grads: Any = "auto",
 ) -> int:
     """Training model FLOPs (forward + backward) per token; `flop_breakdown(...).total`."""
     return flop_breakdown(
@@ -283,7 +315,8 @@ def flops_per_token(
         experts=experts,
         top_k=top_k,
         attention=attention,
-        recompute="none",  # model FLOPs only: what checkpointing re-runs is not part of the total
+        recompute="none",
+        grads=grads,  # model FLOPs only: what checkpointing re-runs is not part of the total
     ).total
 
 

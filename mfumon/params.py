@@ -1,8 +1,10 @@
-"""Parameter counts of the live module: total, active (MoE-aware), embedding, lm_head, matmul.
+"""Parameter counts of the live module: total, active (MoE-aware), embedding, lm_head, matmul, trainable.
 
 What counts as what is found by structure (see `mfumon._structure` and `mfumon._experts`); this
 module counts it. Custom MoE layouts get an explicit way in: ``count_params(model, experts=...,
-top_k=...)`` or :func:`register_moe`.
+top_k=...)`` or :func:`register_moe`. Which weights and inputs need a gradient (frozen weights, LoRA)
+is found by `mfumon._grads`: the layout counts each weight's passes per token (forward, its gradient,
+its input's gradient); :func:`observe_grads` watches one training step for the ``grads=`` argument.
 """
 
 from __future__ import annotations
@@ -10,22 +12,26 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from mfumon._experts import Registration, explicit_registrations, find_moe, register
+from mfumon._grads import QKV, GradFlow, ObservedGrads, check_grads, grad_flow, observe_grads
 from mfumon._structure import AttentionShape, Structure, attention_shape, find_structure
-from mfumon._walk import full_numel, full_shape, has_head_attrs, named_modules
+from mfumon._walk import all_params, full_numel, full_shape, has_head_attrs, named_modules
 from mfumon.errors import ConfigTypeError, check_int
 
 __all__ = [
     "EMPTY_LAYOUT",
     "Layout",
     "MoELayer",
+    "ObservedGrads",
     "ParamCounts",
+    "WeightPasses",
     "count_params",
     "layout",
+    "observe_grads",
     "region_layout",
     "register_moe",
 ]
@@ -43,6 +49,9 @@ class ParamCounts:
     moe_layers: int = 0  # layers with routed experts (0 for a dense model)
     num_experts: int | None = None  # routed experts per MoE layer (the largest if layers differ)
     top_k: int | None = None  # experts each token is routed to (the largest if layers differ)
+    # parameters that require grad, counted like total (routed experts in full); the training setup's
+    # state, not the model's shape, so left out of == (two counts of one model compare equal)
+    trainable: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,19 @@ class MoELayer:
     num_experts: int
     top_k: int
     routed: int  # routed-expert parameters of all experts of this block
+
+
+@dataclass(frozen=True)
+class WeightPasses:
+    """Per category: parameters x passes over them per token (1 forward, +1 for their own gradient,
+    +1 for their input's); 3 x the parameters when all are trained. 2 FLOPs per pass (`mfumon.flops`)."""
+
+    attn: int
+    mlp: int  # routed experts scaled by top_k / num_experts
+    router: int
+    lm_head: int
+    vector: int  # norm scales, biases: the same rule, by the project's 6-per-parameter convention
+    embedding: int  # the tables as one-hot matmuls (chinchilla): 3 passes when trained, 1 when frozen
 
 
 @dataclass(frozen=True)
@@ -68,11 +90,16 @@ class Layout:
     embedding: int  # same as counts.embedding
     attention: tuple[AttentionShape, ...]  # one per attention module, in model order
     moe: tuple[MoELayer, ...]
+    passes: WeightPasses  # the weight counts above times the passes the training step makes over them
+    attention_grads: tuple[QKV, ...]  # per attention module: whether its Q, K, V need a gradient
     cross_attention: tuple[str, ...] = ()  # paths of cross-attention modules: scores not counted
     recurrent: tuple[str, ...] = ()  # paths of state-space / linear-attention mixers: no scores
 
 
-EMPTY_LAYOUT = Layout(ParamCounts(0, 0, 0, 0, 0), 0, 0, 0, 0, 0, 0, (), ())  # a region without parameters
+EMPTY_LAYOUT = Layout(  # a region without parameters
+    ParamCounts(0, 0, 0, 0, 0), 0, 0, 0, 0, 0, 0, (), (), WeightPasses(0, 0, 0, 0, 0, 0), ()
+)
+_EVERY_PASS = GradFlow(None, {}, True)  # every weight and input needs a gradient: 6 FLOPs per weight
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Layout]] = weakref.WeakKeyDictionary()
 
@@ -103,7 +130,7 @@ def count_params(
     top_k: int | None = None,
     cache: bool = True,
 ) -> ParamCounts:
-    """Total, active, embedding, lm_head and matmul parameters of `model`, counted once and cached.
+    """Total, active, embedding, lm_head, matmul and trainable parameters of `model`, counted and cached.
 
     Found by structure (see `mfumon._structure`); FSDP2 DTensor parameters count at their global
     shape and DeepSpeed ZeRO-3 ones at ``ds_numel``, without communication. Routed experts found
@@ -113,7 +140,8 @@ def count_params(
         experts: routed-expert containers the structural search would miss: a module, a module
             class (every instance), or an iterable of modules. Same meaning as :func:`register_moe`.
         top_k: experts per token for every MoE layer; overrides what the model says.
-        cache: reuse the count from an earlier call on this model (pass False after changing it).
+        cache: reuse the count from an earlier call on this model (pass False after changing its
+            structure; freezing or unfreezing parameters is seen without it).
     """
     return layout(model, experts=experts, top_k=top_k, cache=cache).counts
 
@@ -124,14 +152,21 @@ def layout(
     experts: nn.Module | type[nn.Module] | Iterable[nn.Module] | None = None,
     top_k: int | None = None,
     cache: bool = True,
+    grads: str | ObservedGrads = "auto",
 ) -> Layout:
-    """The counted layout of `model` (what `count_params` and the FLOP model read), cached per model."""
+    """The counted layout of `model` (what `count_params` and the FLOP model read), cached per model.
+
+    `grads` says which inputs need a gradient: "auto" (by model order, see `mfumon._grads`), "all"
+    (every weight counted trained, 3 passes) or an observation (:func:`observe_grads`).
+    """
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if top_k is not None:
         top_k = check_int("top_k", top_k, "experts per token")
+    grads = check_grads(grads)
     explicit = explicit_registrations(experts, top_k)
-    key = (tuple(sorted(id(e) for e in explicit)), top_k)
+    frozen = frozenset(id(p) for p in all_params(model) if not p.requires_grad)  # in the key: freezing
+    key = (tuple(sorted(id(e) for e in explicit)), top_k, grads, frozen)
     if cache:
         hit = _CACHE.get(model, {}).get(key)
         if hit is not None:
@@ -139,7 +174,10 @@ def layout(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the walk allocates many small objects; on a 45k-module model GC passes dominate
     try:
-        counted = _count(find_structure(model, explicit, top_k))
+        found = find_structure(model, explicit, top_k)
+        every = grads == "all" or not frozen
+        flow = _EVERY_PASS if every else grad_flow(named_modules(model), grads, found.attention_paths)
+        counted = _count(found, flow)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -148,43 +186,50 @@ def layout(
     return counted
 
 
-def _count(found: Structure) -> Layout:
-    """Sum the parameters the walk classified; routed experts at top_k / num_experts."""
+def _count(found: Structure, flow: GradFlow) -> Layout:
+    """Sum the parameters the walk classified, and their passes; routed experts at top_k / num_experts."""
     sums = {"attn": 0, "mlp": 0, "router": 0, "lm": 0, "vector": 0}
-    total = embedding = lm_params = tied = 0
+    passes = dict.fromkeys(sums, 0)  # the same, each parameter times its passes (see mfumon._grads)
+    total = embedding = lm_params = tied = trainable = table_passes = 0
     routed_full: dict[int, int] = {}  # per MoE layer index: weights+vectors before scaling
-    routed_w: dict[int, int] = {}
-    routed_v: dict[int, int] = {}
+    routed: dict[tuple[int, bool, int], int] = {}  # (MoE layer index, is weight matrix, passes) -> params
     emb_ids, lm_ids, lm_weight = found.embedding_ids, found.lm_head_ids, found.lm_head_weight
     for pid, p in found.params.items():
         n = full_numel(p)
         total += n
+        trainable += n if p.requires_grad else 0
         embedding += n if pid in emb_ids else 0
+        table_passes += n * flow.table_passes(p) if pid in emb_ids else 0
         lm_params += n if pid in lm_ids else 0
         tied += n if pid in emb_ids and pid in lm_ids else 0
         if pid in found.routed:
             index, is_weight = found.routed[pid]
             routed_full[index] = routed_full.get(index, 0) + n
-            bucket = routed_w if is_weight else routed_v
-            bucket[index] = bucket.get(index, 0) + n
-        elif lm_weight is not None and p is lm_weight:
-            sums["lm"] += n
+            bucket = (index, is_weight, flow.passes(pid, p))
+            routed[bucket] = routed.get(bucket, 0) + n
+            continue
+        if lm_weight is not None and p is lm_weight:
+            kind = "lm"
         elif pid in emb_ids:
             continue  # a lookup: 0 FLOPs
         elif len(full_shape(p)) < 2 or pid in found.elementwise_ids:  # (A_log of Mamba is 2-D)
-            sums["vector"] += n
+            kind = "vector"
         elif pid in found.router_ids:
-            sums["router"] += n
+            kind = "router"
         elif pid in found.attention_ids:
-            sums["attn"] += n
+            kind = "attn"
         else:
-            sums["mlp"] += n
+            kind = "mlp"
+        sums[kind] += n
+        passes[kind] += n * flow.passes(pid, p)
     inactive = 0
-    for i, layer in enumerate(found.moe):
-        k, e = layer.top_k, layer.num_experts
-        sums["mlp"] += routed_w.get(i, 0) * k // e  # each expert equal-sized: exact
-        sums["vector"] += routed_v.get(i, 0) * k // e
-        inactive += routed_full.get(i, 0) - (routed_w.get(i, 0) * k // e + routed_v.get(i, 0) * k // e)
+    for (index, is_weight, times), n in routed.items():
+        layer = found.moe[index]
+        active_n = n * layer.top_k // layer.num_experts  # each expert equal-sized: exact
+        kind = "mlp" if is_weight else "vector"
+        sums[kind] += active_n
+        passes[kind] += times * active_n
+        inactive += n - active_n
     moe = tuple(
         MoELayer(layer.path, layer.num_experts, layer.top_k, routed_full.get(i, 0))
         for i, layer in enumerate(found.moe)
@@ -199,6 +244,7 @@ def _count(found: Structure) -> Layout:
         moe_layers=len(moe),
         num_experts=max((m.num_experts for m in moe), default=None),
         top_k=max((m.top_k for m in moe), default=None),
+        trainable=trainable,
     )
     return Layout(
         counts=counts,
@@ -212,6 +258,10 @@ def _count(found: Structure) -> Layout:
         moe=moe,
         cross_attention=found.cross_attention,
         recurrent=found.recurrent,
+        passes=WeightPasses(
+            passes["attn"], passes["mlp"], passes["router"], passes["lm"], passes["vector"], table_passes
+        ),
+        attention_grads=tuple(flow.qkv(path) for path in found.attention_paths),
     )
 
 
@@ -222,14 +272,15 @@ def region_layout(
 
     MoE blocks inside the region are read with the top_k found for them in the whole model (`root`);
     a region inside an MoE block (an expert, the expert container) counts its routed parameters at
-    top_k / E, as in the whole model.
+    top_k / E, as in the whole model. A region is counted with every pass (grads="all"): what it
+    re-runs is its forward, a third of that, whatever needs a gradient.
     """
     inside = {m.top_k for m in root.moe if _within(m.path, path)}
     k = top_k or (inside.pop() if len(inside) == 1 else None)
     own_shape = attention_shape(module) if has_head_attrs(module) else None
     if next(iter(module.parameters()), None) is None:  # e.g. a parameter-free "core attention" module
         return EMPTY_LAYOUT, (own_shape,) if own_shape else ()
-    sub = layout(module, experts=experts, top_k=k)  # type: ignore[arg-type]
+    sub = layout(module, experts=experts, top_k=k, grads="all")  # type: ignore[arg-type]
     layers = sub.attention or ((own_shape,) if own_shape else ())  # the walk skips its root module
     for block in root.moe:
         if path.startswith(block.path + "."):
@@ -254,5 +305,10 @@ def _scale_routed(
             n = full_numel(p)
             drop["vector" if len(full_shape(p)) < 2 else "mlp"] += n - n * k // e  # where the walk put it
     return replace(
-        sub, mlp_weights=sub.mlp_weights - drop["mlp"], vector_params=sub.vector_params - drop["vector"]
+        sub,
+        mlp_weights=sub.mlp_weights - drop["mlp"],
+        vector_params=sub.vector_params - drop["vector"],
+        passes=replace(  # a region is counted with every pass: 3 per parameter (region_layout)
+            sub.passes, mlp=sub.passes.mlp - 3 * drop["mlp"], vector=sub.passes.vector - 3 * drop["vector"]
+        ),
     )

@@ -180,7 +180,9 @@ class Windows:
         try:
             counts = self.flops.params()
             if counts is not None:
-                info.update(params_total=counts.total, params_active=counts.active)
+                info.update(
+                    params_total=counts.total, params_active=counts.active, params_trainable=counts.trainable
+                )
         except Exception as exc:
             self._faults.fault("params", exc)
         return info

@@ -124,6 +124,7 @@ def _counts_table(c: ParamCounts) -> str:
         ("embedding", c.embedding, "lookups, 0 FLOPs"),
         ("lm_head", c.lm_head, "output projection"),
         ("matmul_active", c.matmul_active, "multiplied per token (the N of 6N)"),
+        ("trainable", c.trainable, "requires grad (frozen weights cost 2 or 4 per token, not 6)"),
     ]
     lines = [f"{'parameters':<15}{'count':>18}{'':>11}  meaning"]
     lines += [f"{name:<15}{n:>18,}{_human(n):>11}  {what}" for name, n, what in rows]

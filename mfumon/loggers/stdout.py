@@ -60,9 +60,13 @@ class StdoutLogger(Logger):
         peak = info.get("peak_tflops")
         peak_txt = f"peak {peak:.4g} TFLOP/s {self._dtype}" if peak else "no peak known (pass peak_tflops=)"
         gflop = info.get("flops_per_token", 0) / 1e9
+        total, trainable = info.get("params_total"), info.get("params_trainable")
+        frozen = ""
+        if isinstance(total, int) and isinstance(trainable, int) and trainable != total:
+            frozen = f", {trainable:,} of {total:,} parameters trained"
         self._write(
             f"[mfumon] {device} x{info.get('world_size', 1)}, {peak_txt}; "
-            f"{gflop:.4g} GFLOP/token (training); "
+            f"{gflop:.4g} GFLOP/token (training{frozen}); "
             f"warm-up {info.get('warmup', 0)} steps excluded from averages"
         )
 

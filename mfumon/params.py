@@ -16,7 +16,7 @@ from torch import nn
 
 from mfumon._experts import Registration, explicit_registrations, find_moe, register
 from mfumon._structure import AttentionShape, Structure, attention_shape, find_structure
-from mfumon._walk import full_numel, full_shape, has_head_attrs, named_modules
+from mfumon._walk import all_params, full_numel, full_shape, has_head_attrs, named_modules
 from mfumon.errors import ConfigTypeError, check_int
 
 __all__ = [
@@ -223,7 +223,7 @@ def region_layout(
     inside = {m.top_k for m in root.moe if _within(m.path, path)}
     k = top_k or (inside.pop() if len(inside) == 1 else None)
     own_shape = attention_shape(module) if has_head_attrs(module) else None
-    if next(iter(module.parameters()), None) is None:  # e.g. a parameter-free "core attention" module
+    if not all_params(module):  # e.g. a parameter-free "core attention" module
         return EMPTY_LAYOUT, (own_shape,) if own_shape else ()
     sub = layout(module, experts=experts, top_k=k)  # type: ignore[arg-type]
     layers = sub.attention or ((own_shape,) if own_shape else ())  # the walk skips its root module
@@ -245,7 +245,7 @@ def _scale_routed(
     _, routed, _ = find_moe(owner, named_modules(owner), explicit, block.top_k)
     k, e = block.top_k, block.num_experts
     drop = {"mlp": 0, "vector": 0}
-    for p in {id(p): p for p in module.parameters()}.values():
+    for p in {id(p): p for p in all_params(module)}.values():
         if id(p) in routed:
             n = full_numel(p)
             drop["vector" if len(full_shape(p)) < 2 else "mlp"] += n - n * k // e  # where the walk put it

@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch import nn
 
+from mfumon.errors import ConfigError
+
 __all__ = [
     "HEADS_ATTRS",
     "QK_DIM_ATTRS",
@@ -144,6 +146,21 @@ def _register_flat(m: nn.Module, fsdp: type) -> None:
             _DONE[id(flat)] = weakref.ref(flat)
     if flats and m not in _STANDINS:
         _STANDINS[m] = {}  # the FlatParameter's own module: hide the FlatParameter
+    if m.__dict__.get("_fsdp_use_orig_params") is True:
+        _check_reached(m)
+
+
+def _check_reached(m: nn.Module) -> None:
+    """ConfigError if `m` holds use_orig_params=True shards whose FSDP unit the walk never met: their
+    full shapes live only on that unit's FlatParameter (e.g. the model inside the FSDP root)."""
+    views = _STANDINS.get(m, {})
+    for name, p in m._parameters.items():
+        if p is not None and name not in views and getattr(p, "_fsdp_flattened", False):
+            raise ConfigError(
+                f"parameter '{name}' of {type(m).__name__} is an FSDP (use_orig_params=True) shard whose "
+                f"FullyShardedDataParallel unit is not inside the model given, so its full size is unknown; "
+                f"pass the FSDP-wrapped model (Lightning: trainer.model; HF: the Trainer's model)"
+            )
 
 
 def _standins(flat: torch.Tensor) -> None:

@@ -96,11 +96,7 @@ def _find_lm_head(model: nn.Module, named: list[tuple[str, nn.Module]]) -> nn.Mo
         except (NotImplementedError, AttributeError):
             head = None
         else:
-            return (
-                head
-                if isinstance(head, nn.Module) and isinstance(param(head, "weight"), nn.Parameter)
-                else None
-            )
+            return head if isinstance(head, nn.Module) and param(head, "weight") is not None else None
     tables = [m for _, m in named if isinstance(m, nn.Embedding)]
     table_weights = {id(param(m, "weight")) for m in tables}
     for _, m in named:

@@ -77,14 +77,22 @@ def _fsdp1_worker(rank: int, world: int, port: int, out_dir: str, orig: bool) ->
         _checkpoint_layers(wrapped, LlamaDecoderLayer)
         flats = [m for m in wrapped.modules() if isinstance(m, FSDP) and m._handle is not None]
         local = sum(p.numel() for p in wrapped.parameters())
+        # what the HF Trainer's callback sees: the model inside the FSDP root (the Trainer hands its
+        # callbacks the unwrapped model), counted in its first training forward, when the root unit's
+        # parameters are unsharded views and the decoder layers' units still sharded
+        in_forward: list[dict[str, Any]] = []
+        hook = model.register_forward_pre_hook(lambda m, args: in_forward.append(_counts(m)))
+        ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(rank))
+        wrapped(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        hook.remove()
         try:  # first the model inside the root FSDP unit, as a callback given it would
             inner: Any = _counts(model)
         except ConfigError as exc:
             inner = str(exc)
         after = _counts(wrapped)
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
-            result = {"before": before, "after": after, "inner": inner, "local": local}
-            json.dump({**result, "units": len(flats)}, f)
+            result = {"before": before, "after": after, "inner": inner, "in_forward": in_forward}
+            json.dump({**result, "local": local, "units": len(flats)}, f)
     finally:
         dist.destroy_process_group()
     exit_now()  # reached only when nothing raised
@@ -97,6 +105,7 @@ def test_fsdp1_counts_at_full_size(tmp_path: Path, orig: bool) -> None:
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["units"] == 3  # the root and each of the 2 decoder layers hold a FlatParameter
         assert result["after"] == result["before"]
+        assert result["in_forward"] == [result["before"]]
         if orig:  # the root unit's FlatParameter, which alone knows the full shapes, is out of reach
             assert "use_orig_params=True" in result["inner"]
             assert "pass the FSDP-wrapped model" in result["inner"]

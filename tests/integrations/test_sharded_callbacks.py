@@ -1,9 +1,14 @@
-"""The callbacks on FSDP1 as the trainers set it up, 2 ranks under torchrun on the CPU with gloo.
+"""The Lightning callback on FSDP1 as ``FSDPStrategy`` sets it up, 2 ranks under torchrun on the CPU.
 
-Lightning's ``FSDPStrategy`` and the HF Trainer's ``fsdp="full_shard"`` (through accelerate) both
-wrap the model in ``FullyShardedDataParallel``. Each rank writes what its callback's monitor
-counts (FLOPs per token and the run facts the loggers get) next to the count of the same model
-unwrapped; they must be equal.
+Each rank writes what its callback's monitor counts (FLOPs per token and the run facts the loggers
+get) next to the count of the same model unwrapped; they must be equal.
+
+The HF Trainer's ``fsdp="full_shard"`` cannot run here: on the CPU accelerate keeps the FSDP plugin
+only for accelerator distributed types (``AcceleratorState.__init__`` in accelerate/state.py sets
+``DistributedType.FSDP`` inside ``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ...]``,
+which leaves out ``MULTI_CPU``), so the Trainer silently trains with DDP instead. What its
+callback sees under FSDP (the unwrapped model inside the FSDP root, counted in the first training
+forward) is tested on hand-wrapped FSDP1 in tests/test_sharded.py.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mfumon.flops import flop_breakdown
+from mfumon.params import count_params
 from tests.procs import exit_now, run
 from tests.tiny_models import hf_model
 
@@ -41,10 +47,16 @@ def _expected() -> dict[str, int]:
     return {"flops_per_token": flops.total, "hw_flops_per_token": flops.hardware}
 
 
-def _write(out_dir: str, monitor: Any) -> None:
+def _write(out_dir: str, monitor: Any, trained: torch.nn.Module) -> None:
+    """What the callback's monitor counted on this rank, and how the trainer sharded the model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     rank = torch.distributed.get_rank()
     info = monitor.run_info()
     seen = {
+        "units": sum(isinstance(m, FSDP) and m._handle is not None for m in trained.modules()),
+        "local": sum(p.numel() for p in trained.parameters()),
+        "total": count_params(hf_model("llama", tie_word_embeddings=True)).total,
         "flops_per_token": monitor.flops_per_token,
         "hw_flops_per_token": monitor.hw_flops_per_token,
         "run_info": {k: v for k, v in info.items() if "flops" in k},
@@ -112,7 +124,7 @@ def lightning_main(scenario: str, out_dir: str) -> None:
         enable_checkpointing=False,
     )
     trainer.fit(Llama(), DataLoader(Tokens(), batch_size=BATCH))
-    _write(out_dir, cb.monitor)
+    _write(out_dir, cb.monitor, trainer.model)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     exit_now()
@@ -134,6 +146,8 @@ def _check(tmp_path: Path) -> None:
     for rank in range(2):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
         expected = seen["expected"]
+        assert seen["units"] == 3  # the trainer wrapped the root and each of the 2 decoder layers
+        assert seen["local"] < seen["total"]  # each rank holds about half
         assert seen["flops_per_token"] == expected["flops_per_token"]
         assert seen["hw_flops_per_token"] == expected["hw_flops_per_token"]
         assert seen["run_info"]["flops_per_token"] == expected["flops_per_token"]  # what the loggers get

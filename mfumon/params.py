@@ -103,9 +103,10 @@ def count_params(
 ) -> ParamCounts:
     """Total, active, embedding, lm_head and matmul parameters of `model`, counted once and cached.
 
-    Found by structure (see `mfumon._structure`); FSDP2 DTensor parameters count at their global
-    shape and DeepSpeed ZeRO-3 ones at ``ds_numel``, without communication. Routed experts found
-    with no ``top_k`` on the block, its router or the config raise ConfigError: pass ``top_k=``.
+    Found by structure (see `mfumon._structure`); sharded parameters count at full size without
+    communication (FSDP1 from each FlatParameter's metadata, FSDP2 DTensors' global shape, ZeRO-3
+    ``ds_numel``). Routed experts found with no ``top_k`` on the block, its router or the config
+    raise ConfigError: pass ``top_k=``.
 
     Args:
         experts: routed-expert containers the structural search would miss: a module, a module

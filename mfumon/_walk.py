@@ -59,7 +59,7 @@ def full_numel(p: nn.Parameter) -> int:
 
 def own_params(m: nn.Module) -> list[nn.Parameter]:
     """Parameters registered on `m` itself, not its submodules (FSDP1 originals as full-size stand-ins)."""
-    if _STANDINS:  # only once an FSDP1 model was walked: plain models take no extra step
+    if _FSDP1_SEEN:  # only once an FSDP1 model was walked: plain models take no extra step
         views = _STANDINS.get(m)
         if views is not None:
             return _with_standins(m, views)
@@ -68,7 +68,7 @@ def own_params(m: nn.Module) -> list[nn.Parameter]:
 
 def param(m: nn.Module, name: str) -> nn.Parameter | None:
     """Parameter `name` registered on `m` as the walk sees it (an FSDP1 original's stand-in), or None."""
-    if _STANDINS:
+    if _FSDP1_SEEN:
         views = _STANDINS.get(m)
         if views is not None and name in views:
             return views[name]
@@ -114,6 +114,7 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 # --- FSDP1: original parameters behind a FlatParameter -------------------------------------------
 
 # original module -> {parameter name: full-size stand-in}; the FlatParameter's module maps to {}
+_FSDP1_SEEN = False  # a plain global: a weak dictionary's truth test costs a call per module
 _STANDINS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
 _DONE: dict[int, weakref.ref[torch.Tensor]] = {}  # FlatParameters whose stand-ins exist, by id (tensors
 # compare elementwise, so no weak set)
@@ -133,13 +134,16 @@ def _register_flat(m: nn.Module, fsdp: type) -> None:
     """Stand-ins for the originals of the FlatParameter `m` holds: an FSDP1 unit's (its handle's, which
     with use_orig_params=True no module registers), or one registered on `m` (the wrapped module's,
     reachable when the FSDP unit above it is not, e.g. Lightning wrapping the LightningModule)."""
-    flats = [p for p in m._parameters.values() if p is not None and _is_flat(p)] if m._parameters else []
+    flat = m._parameters.get("_flat_param")  # the name FSDP1 registers it under (use_orig_params=False)
+    flats = [flat] if flat is not None and _is_flat(flat) else []
     if isinstance(m, fsdp):
         handle = getattr(m, "_handle", None)
         flat = getattr(handle, "flat_param", None)
         if flat is not None:
             flats.append(flat)
+    global _FSDP1_SEEN
     for flat in flats:
+        _FSDP1_SEEN = True
         done = _DONE.get(id(flat))
         if done is None or done() is not flat:
             _standins(flat)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from mfumon._walk import own_params
+from mfumon._walk import full_shape, own_params
 
 __all__ = ["ATTENTION", "MATMUL", "CheckpointPlan", "Checkpointed", "ObservedRecompute", "Rerun", "find_plan"]
 
@@ -168,7 +168,7 @@ def _matmul_kinds(module: nn.Module) -> dict[str, frozenset[str]]:
     for sub in module.modules():
         if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
             continue
-        dims = [p.dim() for p in own_params(sub)]
+        dims = [len(full_shape(p)) for p in own_params(sub)]
         if any(d >= 3 for d in dims):
             kinds["stacked experts"] = _STACKED_OPS
         elif 2 in dims:  # a Linear-like module: with a bias it runs addmm, without one mm

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mfumon._checkpoints import CheckpointPlan, ObservedRecompute, Rerun, find_plan
-from mfumon._walk import has_head_attrs, named_modules, own_params
+from mfumon._walk import full_shape, has_head_attrs, named_modules, own_params
 from mfumon.errors import ConfigTypeError
 
 __all__ = ["RecomputeProbe"]
@@ -227,5 +227,5 @@ def _has_own_work(m: nn.Module) -> bool:
 def _one_matmul(m: nn.Module) -> bool:
     """A Linear-like module: one weight matrix and at most a bias. Its matmul saves its input before
     it runs, so early stop stops before it."""
-    dims = sorted(p.dim() for p in own_params(m))
+    dims = sorted(len(full_shape(p)) for p in own_params(m))
     return dims in ([2], [1, 2])

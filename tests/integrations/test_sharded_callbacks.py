@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mfumon.flops import flop_breakdown
 from mfumon.params import count_params
+from mfumon.recompute import observe_recompute
 from tests.procs import exit_now, run
 from tests.tiny_models import hf_model
 
@@ -42,8 +43,16 @@ class Tokens(Dataset):
 
 
 def _expected() -> dict[str, int]:
-    """FLOPs per token of the unwrapped tiny Llama (tied head), with and without recompute."""
-    flops = flop_breakdown(hf_model("llama", tie_word_embeddings=True), SEQ)
+    """FLOPs per token of the unwrapped tiny Llama (tied head), its decoder layers checkpointed as
+    the strategy's policy does; recompute as one training step of it re-runs (early stop included)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = hf_model("llama", tie_word_embeddings=True)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    batch = {k: v[None] for k, v in Tokens()[0].items()}
+    observed = observe_recompute(model, lambda: model(**batch, use_cache=False).loss.backward())
+    flops = flop_breakdown(model, SEQ, recompute=observed)
     return {"flops_per_token": flops.total, "hw_flops_per_token": flops.hardware}
 
 
@@ -90,7 +99,7 @@ def lightning_main(scenario: str, out_dir: str) -> None:
                 )
 
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return self.model(**batch).loss
+            return self.model(**batch, use_cache=False).loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=1e-3)
@@ -111,7 +120,11 @@ def lightning_main(scenario: str, out_dir: str) -> None:
             return super()._setup_model(model)
 
     cb = MFUCallback(peak_tflops=1.0, warmup=0, log_every=2)
-    strategy = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, process_group_backend="gloo")
+    strategy = CPUFSDPStrategy(
+        auto_wrap_policy={LlamaDecoderLayer},
+        activation_checkpointing_policy={LlamaDecoderLayer},
+        process_group_backend="gloo",
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -149,6 +162,7 @@ def _check(tmp_path: Path) -> None:
         assert seen["units"] == 3  # the trainer wrapped the root and each of the 2 decoder layers
         assert seen["local"] < seen["total"]  # each rank holds about half
         assert seen["flops_per_token"] == expected["flops_per_token"]
+        assert seen["hw_flops_per_token"] > seen["flops_per_token"]  # the layers re-run
         assert seen["hw_flops_per_token"] == expected["hw_flops_per_token"]
         assert seen["run_info"]["flops_per_token"] == expected["flops_per_token"]  # what the loggers get
 

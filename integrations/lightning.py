@@ -135,7 +135,10 @@ class MFUCallback(CallbackOptions, _Callback):
         try:
             if core.monitor is None:  # the first batch: every rank builds, or none does
                 built, tokens = core.build(
-                    pl_module,
+                    # FSDPStrategy wraps the module in an FSDP1 root: only that root sizes its shards
+                    trainer.model
+                    if getattr(trainer.model, "_fsdp_wrapped_module", None) is pl_module
+                    else pl_module,
                     batch,
                     log_every=getattr(trainer, "log_every_n_steps", 0) or DEFAULT_LOG_EVERY,
                     dtype=precision_dtype(trainer.precision),

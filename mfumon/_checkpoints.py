@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from mfumon._walk import full_shape, own_params
+
 __all__ = ["ATTENTION", "MATMUL", "CheckpointPlan", "Checkpointed", "ObservedRecompute", "Rerun", "find_plan"]
 
 MATMUL, ATTENTION = "matmul", "attention"  # what a selective policy may keep instead of re-running
@@ -166,7 +168,7 @@ def _matmul_kinds(module: nn.Module) -> dict[str, frozenset[str]]:
     for sub in module.modules():
         if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
             continue
-        dims = [p.dim() for p in sub._parameters.values() if p is not None]
+        dims = [len(full_shape(p)) for p in own_params(sub)]
         if any(d >= 3 for d in dims):
             kinds["stacked experts"] = _STACKED_OPS
         elif 2 in dims:  # a Linear-like module: with a bias it runs addmm, without one mm

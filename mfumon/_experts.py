@@ -144,7 +144,7 @@ def find_moe(
 
 def _as_container(m: nn.Module, reg: Registration | None) -> _Container | None:
     """`m` as a routed-expert container, if it looks like one (or is registered as one)."""
-    stacks = [full_shape(p) for p in m._parameters.values() if p is not None and len(full_shape(p)) >= 3]
+    stacks = [full_shape(p) for p in own_params(m) if len(full_shape(p)) >= 3]
     if stacks and not isinstance(m, nn.modules.conv._ConvNd):
         leading = {s[0] for s in stacks}
         if len(leading) == 1 and (reg is not None or min(leading) >= 2):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mfumon._checkpoints import CheckpointPlan, ObservedRecompute, Rerun, find_plan
-from mfumon._walk import has_head_attrs, named_modules
+from mfumon._walk import full_shape, has_head_attrs, named_modules, own_params
 from mfumon.errors import ConfigTypeError
 
 __all__ = ["RecomputeProbe"]
@@ -221,11 +221,11 @@ def _innermost(path: str, regions: dict[str, int]) -> int | None:
 
 def _has_own_work(m: nn.Module) -> bool:
     """Whether `m`'s own forward does counted work: its own parameters, or attention (head attributes)."""
-    return any(p is not None for p in m._parameters.values()) or has_head_attrs(m)
+    return bool(own_params(m)) or has_head_attrs(m)
 
 
 def _one_matmul(m: nn.Module) -> bool:
     """A Linear-like module: one weight matrix and at most a bias. Its matmul saves its input before
     it runs, so early stop stops before it."""
-    dims = sorted(p.dim() for p in m._parameters.values() if p is not None)
+    dims = sorted(len(full_shape(p)) for p in own_params(m))
     return dims in ([2], [1, 2])

@@ -36,6 +36,7 @@ from mfumon._walk import (
     int_attr,
     named_modules,
     own_params,
+    param,
 )
 from mfumon.errors import ConfigError
 
@@ -90,7 +91,7 @@ def find_structure(model: nn.Module, explicit: dict[object, Registration], top_k
         params=params,
         embedding_ids=emb_ids,
         lm_head_ids={id(p) for p in all_params(lm_head)} if lm_head is not None else set(),
-        lm_head_weight=getattr(lm_head, "weight", None),
+        lm_head_weight=param(lm_head, "weight") if lm_head is not None else None,
         moe=moe_layers,
         routed=routed,
         router_ids=router_ids,
@@ -112,15 +113,11 @@ def _find_lm_head(model: nn.Module, named: list[tuple[str, nn.Module]]) -> nn.Mo
         except (NotImplementedError, AttributeError):
             head = None
         else:
-            return (
-                head
-                if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), nn.Parameter)
-                else None
-            )
+            return head if isinstance(head, nn.Module) and param(head, "weight") is not None else None
     tables = [m for _, m in named if isinstance(m, nn.Embedding)]
-    table_weights = {id(m.weight) for m in tables}
+    table_weights = {id(param(m, "weight")) for m in tables}
     for _, m in named:
-        weight = m._parameters.get("weight")
+        weight = param(m, "weight")
         if not isinstance(m, nn.Embedding) and weight is not None and id(weight) in table_weights:
             return m  # tied to an input embedding
     if not tables:

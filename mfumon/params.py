@@ -132,9 +132,10 @@ def count_params(
 ) -> ParamCounts:
     """Total, active, embedding, lm_head, matmul and trainable parameters of `model`, counted and cached.
 
-    Found by structure (see `mfumon._structure`); FSDP2 DTensor parameters count at their global
-    shape and DeepSpeed ZeRO-3 ones at ``ds_numel``, without communication. Routed experts found
-    with no ``top_k`` on the block, its router or the config raise ConfigError: pass ``top_k=``.
+    Found by structure (see `mfumon._structure`); sharded parameters count at full size without
+    communication (FSDP1 from each FlatParameter's metadata, FSDP2 DTensors' global shape, ZeRO-3
+    ``ds_numel``). Routed experts found with no ``top_k`` on the block, its router or the config
+    raise ConfigError: pass ``top_k=``.
 
     Args:
         experts: routed-expert containers the structural search would miss: a module, a module
@@ -278,7 +279,7 @@ def region_layout(
     inside = {m.top_k for m in root.moe if _within(m.path, path)}
     k = top_k or (inside.pop() if len(inside) == 1 else None)
     own_shape = attention_shape(module) if has_head_attrs(module) else None
-    if next(iter(module.parameters()), None) is None:  # e.g. a parameter-free "core attention" module
+    if not all_params(module):  # e.g. a parameter-free "core attention" module
         return EMPTY_LAYOUT, (own_shape,) if own_shape else ()
     sub = layout(module, experts=experts, top_k=k, grads="all")  # type: ignore[arg-type]
     layers = sub.attention or ((own_shape,) if own_shape else ())  # the walk skips its root module
@@ -300,7 +301,7 @@ def _scale_routed(
     _, routed, _ = find_moe(owner, named_modules(owner), explicit, block.top_k)
     k, e = block.top_k, block.num_experts
     drop = {"mlp": 0, "vector": 0}
-    for p in {id(p): p for p in module.parameters()}.values():
+    for p in {id(p): p for p in all_params(module)}.values():
         if id(p) in routed:
             n = full_numel(p)
             drop["vector" if len(full_shape(p)) < 2 else "mlp"] += n - n * k // e  # where the walk put it

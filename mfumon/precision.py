@@ -7,7 +7,8 @@ then weighted by the FLOPs each dtype runs (DESIGN.md): found here by module typ
 
 - torchao ``Float8Linear`` (``torchao.float8.convert_to_float8_training``): fp8 from conversion
   on, read per GEMM from its config (a GEMM whose operands are left in high precision, as in the
-  "rowwise_with_gw_hp" recipe, runs in the base dtype); ``emulate=True`` runs no fp8 GEMM at all.
+  "rowwise_with_gw_hp" recipe, runs in the base dtype; a frozen weight runs no grad_weight GEMM);
+  ``emulate=True`` runs no fp8 GEMM at all.
 - Transformer Engine ``Linear``, ``LayerNormLinear``, ``LayerNormMLP``, ``GroupedLinear``: fp8
   (fp4 under an NVFP4 recipe) only inside TE's autocast, read from TE's own global state at the
   first forward; outside it they run in the base dtype.
@@ -53,12 +54,13 @@ class Precision:
     base: str = "fp32"  # dtype of every other FLOP: the detected or given matmul dtype
     follow_autocast: bool = False  # `base` becomes torch autocast's dtype at the first forward
     te: tuple[str | None, str | None, str | None] | None = None  # TE's dtype per GEMM (None: base)
+    read: bool = False  # the first forward has been seen (`at_first_forward`)
     emulated: tuple[str, ...] = field(default=(), compare=False)  # torchao modules with emulate=True
 
     @property
     def pending(self) -> bool:
         """True while something is read at the first forward: the autocast dtype or TE's FP8 state."""
-        return self.follow_autocast or self.te_flops > 0
+        return not self.read and (self.follow_autocast or self.te_flops > 0)
 
     def flops_by_dtype(self) -> dict[str, int]:
         """Model FLOPs per token per dtype (zeros left out); the base dtype takes what no module fixes."""
@@ -78,7 +80,7 @@ class Precision:
         if self.follow_autocast and torch.is_autocast_enabled(device_type):
             base = normalize_dtype(torch.get_autocast_dtype(device_type))
         te = te_autocast_dtypes() if self.te_flops else None
-        return replace(self, base=base, te=te, follow_autocast=False)
+        return replace(self, base=base, te=te, read=True)
 
 
 def find_precision(
@@ -185,13 +187,18 @@ def _kind(module: nn.Module) -> str | None:
 
 
 def _torchao_fp8_gemms(module: nn.Module) -> int:
-    """How many of a Float8Linear's three GEMMs run in fp8: both operands cast, per its config."""
+    """How many of a Float8Linear's three GEMMs run in fp8: both operands cast, per its config.
+
+    A frozen weight runs no grad_weight GEMM, so that one is not among them.
+    """
     config = module.config
-    operands = (
+    operands = [
         getattr(config, "cast_config_input", None),  # output = input @ weight
         getattr(config, "cast_config_grad_output", None),  # grad_input = grad_output @ weight
-        getattr(config, "cast_config_input_for_grad_weight", None),  # grad_weight = input^T @ grad_output
-    )
+    ]
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.requires_grad:
+        operands.append(getattr(config, "cast_config_input_for_grad_weight", None))  # input^T @ grad_output
     return sum(1 for cast in operands if cast is not None and _cast(cast) != "disabled")
 
 

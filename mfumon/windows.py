@@ -125,7 +125,7 @@ class Windows:
             step,
             claims,
             self.peak.tflops,
-            self.peak.dtype,
+            self.peak.label,  # a mix reads "fp8 86% / bf16 14%"
             f"{self.flops.flops_per_token:,}",
             self.device_name,
         )

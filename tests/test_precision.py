@@ -114,6 +114,14 @@ def test_a_recipe_keeping_grad_weight_in_high_precision_runs_two_gemms_of_three_
     assert plan.flops_by_dtype() == {"fp8": 4 * 61_440, "bf16": TOTAL_LLAMA - 4 * 61_440}
 
 
+def test_a_frozen_float8_weight_runs_no_grad_weight_gemm() -> None:
+    model = llama_fp8()
+    model.model.layers[0].requires_grad_(False)
+    plan = find_precision(model, base="bf16", total=TOTAL_LLAMA)
+    # layer 0: output and grad_input GEMMs only, 4 per weight; layer 1: all three, 6 per weight
+    assert plan.flops_by_dtype()["fp8"] == 4 * 30_720 + 6 * 30_720
+
+
 def test_emulated_float8_runs_no_fp8_gemm(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mfumon")
     plan = find_precision(llama_fp8(emulate=True), base="bf16", total=TOTAL_LLAMA)

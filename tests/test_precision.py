@@ -30,7 +30,7 @@ from mfumon.precision import find_precision, te_autocast_dtypes
 from mfumon.timing import StepTimer
 from mfumon.windows import Windows
 from tests.test_hardware import gpus
-from tests.tiny_models import hand_moe_lm, hf_model, token_batch
+from tests.tiny_models import StackedMoE, hand_moe_lm, hf_model, token_batch
 
 float8 = pytest.importorskip("torchao.float8")
 pytestmark = [pytest.mark.usefixtures("fresh_device_state"), pytest.mark.transformers]
@@ -140,6 +140,19 @@ def test_routed_float8_experts_count_at_top_k_over_experts() -> None:
     fp8 = 6 * (2 * 16_384 + 32_768 + 8_192)
     plan = find_precision(model, base="bf16", total=10**6)
     assert plan.flops_by_dtype() == {"fp8": fp8, "bf16": 10**6 - fp8}
+
+
+def test_torchao_float8_grouped_experts_are_named_as_not_counted() -> None:
+    from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+    from torchao.quantization import quantize_
+
+    model = nn.Sequential(nn.Linear(64, 64), StackedMoE(64, 32, num_experts=4, k=2))
+    model[1].top_k = 2  # where mfumon reads it
+    quantize_(model, Float8TrainingOpConfig(), filter_fn=lambda m, fqn: fqn == "1.experts")
+    with pytest.warns(MfumonWarning, match=r"1 module\(s\) \(1.experts\) hold torchao low-precision"):
+        peak = h100_peak(model)
+    assert peak.plan is not None and peak.plan.uncounted == ("1.experts",)
+    assert peak.flops == H100_BF16 and peak.mix == ()  # their FLOPs stay at the bf16 peak
 
 
 def test_a_model_without_low_precision_modules_has_one_dtype() -> None:

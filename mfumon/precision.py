@@ -35,9 +35,8 @@ from mfumon.errors import log
 from mfumon.flops import flops_per_token, forward_flops, matmul_training_flops
 from mfumon.params import Layout, layout, region_layout
 
-__all__ = ["GEMMS", "TE_GEMM_MODULES", "Precision", "find_precision", "te_autocast_dtypes"]
+__all__ = ["TE_GEMM_MODULES", "Precision", "find_precision", "te_autocast_dtypes"]
 
-GEMMS = ("output", "grad_input", "grad_weight")  # the three GEMMs of a training matmul, each 2 per weight
 TE_GEMM_MODULES = frozenset({"Linear", "LayerNormLinear", "LayerNormMLP", "GroupedLinear"})
 _TE = "transformer_engine.pytorch"
 _HIGH_PRECISION_BACKWARD = ("high_precision", "dequantized")  # TE recipes' backward_override values

@@ -2,7 +2,8 @@
 
 The peak is an exact lookup of the device's driver name (`mfumon.devices`) in
 ``mfumon._peaks.PEAKS``, scaled by its MIG share; a user-given peak overrides it, and
-`measure_peak_flops` times the achievable ceiling.
+`measure_peak_flops` times the achievable ceiling. A model whose matmuls run in more than one
+dtype (FP8 linears, found by `mfumon.precision`) gets the FLOP-weighted peak (`mixed_peak`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mfumon._peaks import DevicePeak, lookup
 from mfumon.devices import DeviceIdentity, cuda_index, device_name, identify_device
 from mfumon.dtypes import matmul_dtype, normalize_dtype
-from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int, log
 from mfumon.flops import matmul_flops
+from mfumon.precision import Precision, find_precision
+
+if TYPE_CHECKING:
+    from mfumon.flop_model import FlopModel
 
 __all__ = [  # device naming and dtypes live in mfumon.devices and mfumon.dtypes; 0.1 had them here
     "DeviceIdentity",
@@ -34,6 +39,7 @@ __all__ = [  # device naming and dtypes live in mfumon.devices and mfumon.dtypes
     "PeakInfo",
     "autocast_peak",
     "measure_peak_flops",
+    "mixed_peak",
     "peak_flops",
     "peak_override_flops",
     "resolve_peak",
@@ -41,6 +47,7 @@ __all__ = [  # device naming and dtypes live in mfumon.devices and mfumon.dtypes
 
 ENV_PEAK_TFLOPS = "MFUMON_PEAK_TFLOPS"
 TERA = 1e12
+_OVERRIDES = ("peak_tflops argument", ENV_PEAK_TFLOPS)  # PeakInfo.source of a user-given peak
 
 
 def _table_flops(row: DevicePeak | None, dtype: str) -> float | None:
@@ -77,19 +84,51 @@ def peak_flops(
 
 @dataclass(frozen=True)
 class PeakInfo:
-    """The per-device peak the monitor divides by, and where it came from."""
+    """The per-device peak the monitor divides by, and where it came from.
+
+    With matmuls in more than one dtype (FP8 linears beside bf16 attention), `flops` is weighted by
+    the FLOPs each runs, sum(flops) / sum(flops_i / peak_i); `mix` holds the shares and `dtype`
+    the dtype with the largest one. A user-given peak is never weighted (`weighted` is False).
+    """
 
     device: str | None  # the name the device reports (a MIG slice's own name); None on CPU
-    dtype: str  # canonical matmul dtype
+    dtype: str  # canonical matmul dtype (with a mix: the one running the most FLOPs)
     flops: float | None  # dense peak FLOP/s per device; None: unknown, no MFU
     source: str  # "peak_tflops argument", "MFUMON_PEAK_TFLOPS", a datasheet URL, or "" when unknown
     scale: float = 1.0  # MIG share applied to the table peak
     product: str | None = None  # table row's product name when the table was used
+    mix: tuple[tuple[str, float], ...] = ()  # (dtype, share of model FLOPs), largest first; () for one dtype
+    fallback: str = ""  # a dtype the device has no peak for, and the peak that stood in for it
+    plan: Precision | None = field(default=None, compare=False, repr=False)  # FLOPs per dtype found
 
     @property
     def tflops(self) -> float | None:
         """The peak in TFLOP/s per device; None when unknown."""
         return None if self.flops is None else self.flops / TERA
+
+    @property
+    def weighted(self) -> bool:
+        """True when `flops` is weighted over more than one dtype's table peak."""
+        return bool(self.mix) and self.flops is not None and self.source not in _OVERRIDES
+
+    @property
+    def pending(self) -> bool:
+        """True while the first forward decides part of it (autocast dtype, Transformer Engine FP8)."""
+        return self.plan is not None and self.plan.pending
+
+    @property
+    def label(self) -> str:
+        """The dtype, or the mix as people read it: "fp8 83% / bf16 17%"."""
+        if not self.mix:
+            return self.dtype
+        return " / ".join(f"{dtype} {share * 100:.0f}%" for dtype, share in self.mix)
+
+    def mix_facts(self) -> dict[str, Any]:
+        """Run facts of a mix ({} for one dtype): peak_mix (dtype -> FLOP share), peak_weighted, ..."""
+        if not self.mix:
+            return {}
+        facts: dict[str, Any] = {"peak_mix": dict(self.mix), "peak_weighted": self.weighted}
+        return {**facts, "peak_fallback": self.fallback} if self.fallback else facts
 
 
 def _positive_tflops(value: object, what: str) -> float:
@@ -168,11 +207,24 @@ def resolve_peak(
     return PeakInfo(device=ident.reported, dtype=canonical, flops=None, source="")
 
 
-def autocast_peak(peak: PeakInfo, *, peak_tflops: float | None, device: torch.device) -> PeakInfo:
-    """`peak` for the autocast dtype when autocast is on for `device` and differs; else `peak` itself.
+def autocast_peak(
+    peak: PeakInfo, *, peak_tflops: float | None, device: torch.device, nvml: Any = None
+) -> PeakInfo:
+    """`peak` as the first forward shows it: the autocast dtype when followed, Transformer Engine's FP8.
 
-    Called inside the first forward, so it warns nothing: the device was reported at setup.
+    Called inside the first forward, so it warns nothing (a missing fp8 peak goes to the log once):
+    the device was reported at setup. Without a plan, `peak` for the autocast dtype when autocast is
+    on for `device` and differs.
     """
+    plan = peak.plan
+    if plan is not None:
+        seen = plan.at_first_forward(device.type)
+        if (seen.base, seen.te) == (plan.base, plan.te):
+            return replace(peak, plan=seen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = resolve_peak(peak_tflops=peak_tflops, dtype=seen.base, device=device, nvml=nvml)
+        return _weigh(base, seen, device=device, nvml=nvml, stacklevel=0)
     if not torch.is_autocast_enabled(device.type):
         return peak
     dtype = normalize_dtype(torch.get_autocast_dtype(device.type))
@@ -181,6 +233,68 @@ def autocast_peak(peak: PeakInfo, *, peak_tflops: float | None, device: torch.de
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return resolve_peak(peak_tflops=peak_tflops, dtype=dtype, device=device)
+
+
+def mixed_peak(
+    peak: PeakInfo, flops: FlopModel, *, device: torch.device, follow_autocast: bool, nvml: Any = None
+) -> PeakInfo:
+    """`peak` weighted by the FLOPs each dtype runs in `flops.model` (FP8 linears beside bf16 matmuls).
+
+    `peak` is the base dtype's (from `resolve_peak`); `follow_autocast`: the base dtype is read
+    again at the first forward (`autocast_peak`). Warns once for a dtype the device has no peak
+    for (its FLOPs then count at the base peak) and for low-precision modules it cannot read.
+    """
+    if flops.model is None:
+        return peak
+    total = flops.breakdown.total if flops.breakdown is not None else None
+    try:
+        plan = find_precision(
+            flops.model, base=peak.dtype, total=total, seq_len=flops.seq_len, follow_autocast=follow_autocast
+        )
+    except Exception as exc:  # an odd model must not stop the run: say what the peak is instead
+        message = f"mfumon: cannot tell which matmuls run in fp8 ({exc!r}); the peak is the {peak.dtype} one"
+        warnings.warn(message, MfumonWarning, stacklevel=3)
+        plan = Precision(total=0, fixed={}, base=peak.dtype, follow_autocast=follow_autocast)
+        return replace(peak, plan=plan)
+    if plan.uncounted:
+        names = ", ".join(plan.uncounted[:3]) + (", ..." if len(plan.uncounted) > 3 else "")
+        warnings.warn(
+            f"mfumon: {len(plan.uncounted)} module(s) ({names}) hold torchao low-precision tensors "
+            f"mfumon cannot read (MX formats, float8 grouped experts): their FLOPs count at the "
+            f"{peak.dtype} peak; pass peak_tflops=<your weighted peak> if they run faster",
+            MfumonWarning,
+            stacklevel=3,
+        )
+    return _weigh(peak, plan, device=device, nvml=nvml, stacklevel=4)
+
+
+def _weigh(base: PeakInfo, plan: Precision, *, device: torch.device, nvml: Any, stacklevel: int) -> PeakInfo:
+    """`base` (the base dtype's peak) weighted over `plan`'s dtypes; stacklevel 0 logs, never warns."""
+    by_dtype = plan.flops_by_dtype()
+    total = sum(by_dtype.values())
+    if len(by_dtype) < 2 or total <= 0:
+        return replace(base, plan=plan)
+    mix = tuple(sorted(((d, f / total) for d, f in by_dtype.items()), key=lambda x: -x[1]))
+    out = replace(base, dtype=mix[0][0], mix=mix, plan=plan)
+    if base.flops is None or base.source in _OVERRIDES:
+        return out  # no peak to weigh, or the user's own: the mix is reported, never applied
+    seconds, missing = 0.0, []
+    for dtype, flops in by_dtype.items():
+        peak = base.flops if dtype == plan.base else peak_flops(dtype=dtype, device=device, nvml=nvml)
+        if peak is None:
+            missing.append(dtype)
+            peak = base.flops  # no published rate: the base dtype's stands in, and says so
+        seconds += flops / peak
+    fallback = ""
+    if missing:
+        who, dtypes = base.product or base.device, "/".join(missing)
+        fallback = f"{dtypes} at the {plan.base} peak ({who} has no published {dtypes} peak)"
+        message = f"mfumon: {fallback}; the {out.label} mix is weighted with that"
+        if stacklevel:
+            warnings.warn(message, MfumonWarning, stacklevel=stacklevel)
+        else:
+            log.warning(message)
+    return replace(out, flops=total / seconds, fallback=fallback)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from mfumon.distributed import Reducer, initialized, rank_world
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, FaultLog, check_int
 from mfumon.flop_model import FlopModel
-from mfumon.hardware import autocast_peak, measure_peak_flops, resolve_peak
+from mfumon.hardware import autocast_peak, measure_peak_flops, mixed_peak, resolve_peak
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
 from mfumon.timing import StepTimer
 from mfumon.windows import Windows
@@ -107,6 +107,7 @@ class Monitor:
         self._peak_tflops = peak_tflops
         detected = matmul_dtype(model) if dtype is None else normalize_dtype(dtype)
         peak = resolve_peak(peak_tflops=peak_tflops, dtype=detected, device=self.device)
+        peak = mixed_peak(peak, self.flops, device=self.device, follow_autocast=dtype is None)
         self._measure_ceiling = bool(measure_ceiling)
         self.rank = rank_world()[0]
         self.run_name = run_name or default_run_name()
@@ -129,7 +130,7 @@ class Monitor:
         self._micro: Tokens | None = None
         self._started = self._closed = False
         self._hook: Any = None  # one-shot: the autocast dtype at the first forward
-        if model is not None and dtype is None:
+        if model is not None and peak.pending:  # the autocast dtype, Transformer Engine's FP8
             self._hook = model.register_forward_pre_hook(self._detect_autocast)
         self.flops.watch_first_step()  # hooks go on last: nothing after them can fail
 

@@ -125,7 +125,7 @@ class Windows:
             step,
             claims,
             self.peak.tflops,
-            self.peak.dtype,
+            self.peak.label,  # a mix reads "fp8 86% / bf16 14%"
             f"{self.flops.flops_per_token:,}",
             self.device_name,
         )
@@ -155,6 +155,7 @@ class Windows:
             world_size=world,
             device=self.device_name,
             peak_dtype=self.peak.dtype,
+            **self.peak.mix_facts(),
             flops_per_token=self.flops.flops_per_token,
             hw_flops_per_token=self.flops.hw_flops_per_token,
         )
@@ -167,6 +168,7 @@ class Windows:
             "peak_dtype": self.peak.dtype,
             "peak_tflops": self.peak.tflops,
             "peak_source": self.peak.source,
+            **self.peak.mix_facts(),  # FP8 beside bf16: dtype -> FLOP share, whether the peak is weighted
             "world_size": self.reducer.world,
             "seq_len": self.flops.seq_len,
             "flops_per_token": self.flops.flops_per_token,

@@ -28,6 +28,8 @@ class JsonlLogger(Logger):
 
     def log_run_info(self, info: Mapping[str, Any]) -> None:
         self._extra = {"peak_dtype": info.get("peak_dtype"), "device": info.get("device")}
+        if info.get("peak_mix"):  # FP8 beside bf16: dtype -> share of model FLOPs
+            self._extra["peak_mix"] = info["peak_mix"]
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         record = {"step": step, "time": time.time(), **self._extra, **metrics}

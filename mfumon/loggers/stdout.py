@@ -59,6 +59,18 @@ class StdoutLogger(Logger):
         device = info.get("device") or "unknown device"
         peak = info.get("peak_tflops")
         peak_txt = f"peak {peak:.4g} TFLOP/s {self._dtype}" if peak else "no peak known (pass peak_tflops=)"
+        mix = info.get("peak_mix")
+        if mix:  # FP8 beside bf16: shown once here; the window lines say "mixed"
+            shares = " / ".join(f"{dtype} {share * 100:.0f}%" for dtype, share in mix.items())
+            self._dtype = "mixed"
+            if not peak:
+                peak_txt += f"; FLOPs {shares}"
+            elif info.get("peak_weighted"):
+                peak_txt = f"peak {peak:.4g} TFLOP/s weighted by FLOPs: {shares}"
+            else:
+                peak_txt = f"peak {peak:.4g} TFLOP/s as given, not weighted (FLOPs {shares})"
+            if info.get("peak_fallback"):
+                peak_txt += f"; {info['peak_fallback']}"
         gflop = info.get("flops_per_token", 0) / 1e9
         total, trainable = info.get("params_total"), info.get("params_trainable")
         frozen = ""

@@ -21,6 +21,7 @@ _RUN_FACTS = (
     "peak_dtype",
     "peak_tflops",
     "peak_source",
+    "peak_mix",
     "world_size",
     "seq_len",
     "flops_per_token",

@@ -45,6 +45,7 @@ class FlopModel:
         self.breakdown: FlopBreakdown | None = None
         self._faults = faults
         self._options = {"causal": causal, "convention": convention, "doc_lengths": doc_lengths}
+        self.causal, self.convention = causal, convention  # what per-step shapes are counted under
         self._probe: RecomputeProbe | None = None  # watches the first step for what re-runs
         auto = model is not None and isinstance(recompute, str) and recompute == "auto"
         self._late_check = auto  # say once if checkpointing was enabled after setup

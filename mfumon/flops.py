@@ -50,6 +50,7 @@ __all__ = [
     "sdpa_backward_flops",
     "sdpa_forward_flops",
     "softmax_training_flops",
+    "step_attention_flops",
 ]
 
 CONVENTIONS = ("mfumon", "6N", "palm", "chinchilla")
@@ -129,15 +130,46 @@ def grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
     return groups * matmul_flops(m, k, n)
 
 
-def causal_keys(seq_len: int, window: int | None) -> int:
-    """Keys attended by all queries of one causal sequence: sum of min(i, w) for i = 1..s."""
-    w = seq_len if window is None else min(window, seq_len)
+def causal_keys(seq_len: Any, window: int | None) -> Any:
+    """Keys attended by all queries of one causal sequence: sum of min(i, w) for i = 1..s.
+
+    `seq_len` is an int, or an integer tensor of sequence lengths (keys per element, on its device).
+    """
+    w = _capped(seq_len, window)
     return w * (w + 1) // 2 + (seq_len - w) * w
 
 
-def full_keys(seq_len: int, window: int | None) -> int:
-    """Keys attended by all queries of one non-causal sequence: s x min(s, w)."""
-    return seq_len * (seq_len if window is None else min(window, seq_len))
+def full_keys(seq_len: Any, window: int | None) -> Any:
+    """Keys attended by all queries of one non-causal sequence: s x min(s, w) (int or tensor, as above)."""
+    return seq_len * _capped(seq_len, window)
+
+
+def step_attention_flops(
+    doc_lengths: torch.Tensor | Sequence[int], layers: Sequence[AttentionShape], *, causal: bool = True
+) -> Any:
+    """Training attention-score FLOPs ("mfumon" convention) of one step's documents, all of them.
+
+    Each document of length n attends on its own: per layer, attention_training_flops of
+    causal_keys(n, w), or full_keys where the layer is not causal (its ``causal`` attribute where
+    not None, else `causal`). Ints in, an exact int out; a tensor in, a 0-d float64 tensor out,
+    computed on its device and never read back (no host sync). Zero lengths count nothing.
+    """
+    per_key: dict[tuple[int | None, bool], int] = {}  # (window, causal) -> FLOPs per key, layers summed
+    for a in layers:
+        own = getattr(a, "causal", None)
+        group = (a.window, causal if own is None else bool(own))
+        per_key[group] = per_key.get(group, 0) + attention_training_flops(1, *_dims(a))
+    if not isinstance(doc_lengths, torch.Tensor):
+        return sum(
+            flops * sum((causal_keys if is_causal else full_keys)(n, window) for n in doc_lengths)
+            for (window, is_causal), flops in per_key.items()
+        )
+    n = doc_lengths.reshape(-1).to(torch.int64)  # (docs,); int64: n * n overflows int32 at 46k
+    total = torch.zeros((), dtype=torch.float64, device=n.device)
+    for (window, is_causal), flops in per_key.items():
+        keys = (causal_keys if is_causal else full_keys)(n, window)  # (docs,)
+        total = total + keys.sum().to(torch.float64) * flops
+    return total
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -282,6 +314,13 @@ def flops_per_token(
 
 def _dims(a: AttentionShape) -> tuple[int, int, int]:
     return a.heads, a.qk_head_dim, a.v_head_dim
+
+
+def _capped(seq_len: Any, window: int | None) -> Any:
+    """min(seq_len, window) for an int or an integer tensor; seq_len when there is no window."""
+    if window is None:
+        return seq_len
+    return seq_len.clamp(max=window) if isinstance(seq_len, torch.Tensor) else min(window, seq_len)
 
 
 def _per_token(flops: int, tokens: int) -> int:

@@ -148,7 +148,7 @@ class MFUCallback(CallbackOptions, _Callback):
             else:
                 core.resume()  # after validation, a checkpoint or an epoch end
                 tokens = core.tokens(batch)
-            core.micro(tokens)
+            core.micro(tokens, batch)
         except Exception as exc:
             core.fault("on_train_batch_start", exc)
 

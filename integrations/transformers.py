@@ -196,7 +196,7 @@ class MFUCallback(CallbackOptions, _Callback):
             elif not self._from_state:
                 tokens = core.tokens(kwargs)
             if not self._from_state:
-                core.micro(tokens)
+                core.micro(tokens, kwargs)
         except Exception as exc:
             core.fault("forward pre-hook", exc)
 

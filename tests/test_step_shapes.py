@@ -15,9 +15,13 @@ and, for the non-causal count, on FlopCounterMode run on each document alone.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mfumon
@@ -26,6 +30,7 @@ from mfumon.errors import ConfigError, ConfigTypeError
 from mfumon.flops import step_attention_flops
 from mfumon.measure import measure_flops
 from mfumon.steps import doc_lengths_from_cu_seqlens, doc_lengths_from_positions
+from tests.procs import exit_now, spawn
 from tests.tiny_models import hf_model, token_batch
 
 pytest.importorskip("transformers")
@@ -259,3 +264,29 @@ def test_cuda_shapes_are_never_synced_per_step() -> None:
     flops, tokens, _ = run_flops(mon)
     attention = 3 * (2 * PER_KEY * (causal(5) + causal(11)) + PER_KEY * causal(16))
     assert tokens == 3 * 48 and flops == pytest.approx(tokens * NON_ATTN + attention, rel=1e-12)
+
+
+# --- two ranks -----------------------------------------------------------------------------------
+
+RANK_DOCS = {0: [8, 24], 1: [4] * 8}  # each rank's documents per step: 32 tokens on each
+
+
+def _two_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    with new_monitor(hf_model("llama"), log_every=4) as mon:
+        for _ in range(4):
+            mon.step(tokens=torch.tensor(32), doc_lengths=torch.tensor(RANK_DOCS[rank]))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(mon.summary()))
+    dist.destroy_process_group()
+    exit_now()
+
+
+def test_two_ranks_sum_their_own_shapes(tmp_path: Path) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    spawn(_two_rank_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):  # every rank holds the global figures
+        summary = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert summary["world_size"] == 2 and summary["tokens"] == 2 * 4 * 32
+        flops = summary[K.TFLOPS_PER_DEVICE] * 1e12 * summary["seconds"] * 2
+        attention = 4 * PER_KEY * (causal(8) + causal(24) + 8 * causal(4))
+        assert flops == pytest.approx(2 * 4 * 32 * NON_ATTN + attention, rel=1e-12)

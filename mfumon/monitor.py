@@ -225,7 +225,9 @@ class Monitor:
         documents packed into it: a list or 1-D integer tensor, any device) or `seq_len` (its rows'
         length) set its attention FLOPs, computed on their device and read at log time.
         """
-        tokens, extra = self._input.take(tokens, doc_lengths, seq_len)
+        extra, plain = None, type(tokens) is int and tokens >= 0 and doc_lengths is seq_len is None
+        if not plain or self._input.pending is not None:  # a plain count needs no call: the hot path
+            tokens, extra = self._input.take(tokens, doc_lengths, seq_len)
         self._step += 1
         if not self._started:  # Monitor used without start(): this first step only starts the clock
             self._guard("start", self.start)

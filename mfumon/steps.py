@@ -124,7 +124,7 @@ class StepInput:
 
     def __init__(self, flops: FlopModel) -> None:
         self._flops = flops
-        self._tokens: Tokens | None = None  # micro-batches' tokens since the last step
+        self.pending: Tokens | None = None  # micro-batches' tokens since the last step, if any
         self._extra: Any = None  # their extra FLOPs; None while none brought shapes
         self._layers: Any = None  # the model's attention layers, found at the first shaped step
         self._per_token: dict[int, float] = {}  # seq_len -> attention FLOPs per token
@@ -134,7 +134,7 @@ class StepInput:
         tokens = check_tokens(tokens)
         shaped = doc_lengths is not None or seq_len is not None
         extra = self._extra_of(tokens, doc_lengths, seq_len) if shaped else None
-        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        self.pending = tokens if self.pending is None else self.pending + tokens
         if extra is not None:
             self._extra = extra if self._extra is None else self._extra + extra
 
@@ -142,18 +142,16 @@ class StepInput:
         self, tokens: Tokens | None, doc_lengths: DocLengths | None, seq_len: int | None
     ) -> tuple[Tokens, Any]:
         """The step's tokens and extra FLOPs (None: no shapes), its micro-batches included; then empty."""
-        if type(tokens) is int and tokens >= 0 and self._tokens is None and doc_lengths is seq_len is None:
-            return tokens, None  # the plain step: one call, as cheap as checking the count alone
         if tokens is not None:
             self.add(tokens, doc_lengths, seq_len)
-        elif self._tokens is None:
+        elif self.pending is None:
             raise ConfigError(
                 "step() needs tokens=<tokens in this optimizer step>, or micro_step(tokens=...) calls"
             )
         elif doc_lengths is not None or seq_len is not None:
             raise ConfigError("step(doc_lengths=/seq_len=) needs tokens= too; or pass them to micro_step()")
-        out = self._tokens, self._extra
-        self._tokens = self._extra = None
+        out = self.pending, self._extra
+        self.pending = self._extra = None
         return out
 
     def _extra_of(self, tokens: Tokens, doc_lengths: DocLengths | None, seq_len: int | None) -> Any:

@@ -152,12 +152,9 @@ class StepTimer:
         if wait and self.cuda and self._pending:
             self._pending[-1].end.synchronize()  # host sync: only at close(), once
         out: list[StepRecord] = []
-        while (
-            self._pending
-            and (upto is None or self._pending[0].index <= upto)
-            and self._ready(self._pending[0].end)
-        ):
-            rec = self._pending.popleft()
+        pending, cuda = self._pending, self.cuda  # the loop runs once per step: no needless calls
+        while pending and (upto is None or pending[0].index <= upto) and (not cuda or pending[0].end.query()):
+            rec = pending.popleft()
             seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
             if seconds is not None and rec.banked:  # the time it ran before each pause
                 seconds += sum(self._elapsed_s(start, paused) for start, paused in rec.banked)
@@ -167,11 +164,12 @@ class StepTimer:
             out.append(
                 StepRecord(rec.index, seconds, float(tokens), 0.0 if extra is None else self._read(extra))
             )
-            self._release(rec.start)  # its end is the next step's start: released with that one
-            if rec.start is not None:
-                for start, paused in rec.banked:
-                    self._release(start)
-                    self._release(paused)
+            if cuda:  # CPU marks are floats: nothing to release
+                self._release(rec.start)  # its end is the next step's start: released with that one
+                if rec.start is not None:
+                    for start, paused in rec.banked:
+                        self._release(start)
+                        self._release(paused)
         return out
 
     def _read(self, value: Any) -> float:

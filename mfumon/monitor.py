@@ -24,7 +24,7 @@ from mfumon.errors import ConfigTypeError, FaultLog, check_int
 from mfumon.flop_model import FlopModel
 from mfumon.hardware import autocast_peak, measure_peak_flops, resolve_peak
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
-from mfumon.steps import DocLengths, StepInput, Tokens, check_tokens
+from mfumon.steps import Lengths, StepInput, Tokens, check_tokens
 from mfumon.timing import StepTimer
 from mfumon.windows import Windows
 
@@ -206,17 +206,13 @@ class Monitor:
 
     # -- per step ------------------------------------------------------------------------------
     def micro_step(
-        self, *, tokens: Tokens, doc_lengths: DocLengths | None = None, seq_len: int | None = None
+        self, *, tokens: Tokens, doc_lengths: Lengths | None = None, seq_len: int | None = None
     ) -> None:
         """Add one micro-batch (gradient accumulation): its tokens and shapes as for `step()`."""
         self._input.add(tokens, doc_lengths, seq_len)
 
     def step(
-        self,
-        *,
-        tokens: Tokens | None = None,
-        doc_lengths: DocLengths | None = None,
-        seq_len: int | None = None,
+        self, *, tokens: Tokens | None = None, doc_lengths: Lengths | None = None, seq_len: int | None = None
     ) -> None:
         """Mark the end of one optimizer step that processed `tokens` on this rank.
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from mfumon.flop_model import FlopModel
 
 __all__ = [
-    "DocLengths",
+    "Lengths",
     "StepInput",
     "Tokens",
     "check_doc_lengths",
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 Tokens = int | float | torch.Tensor  # a whole number of tokens, or a one-element tensor on any device
-DocLengths = Sequence[int] | torch.Tensor  # lengths of the documents packed into one step
+Lengths = Sequence[int] | torch.Tensor  # lengths of the documents packed into one step
 
 
 def check_tokens(tokens: Any, name: str = "tokens") -> Tokens:
@@ -129,7 +129,7 @@ class StepInput:
         self._layers: Any = None  # the model's attention layers, found at the first shaped step
         self._per_token: dict[int, float] = {}  # seq_len -> attention FLOPs per token
 
-    def add(self, tokens: Tokens, doc_lengths: DocLengths | None, seq_len: int | None) -> None:
+    def add(self, tokens: Tokens, doc_lengths: Lengths | None, seq_len: int | None) -> None:
         """Add one micro-batch; raises ConfigError/ConfigTypeError on a bad argument (nothing is added)."""
         tokens = check_tokens(tokens)
         shaped = doc_lengths is not None or seq_len is not None
@@ -139,7 +139,7 @@ class StepInput:
             self._extra = extra if self._extra is None else self._extra + extra
 
     def take(
-        self, tokens: Tokens | None, doc_lengths: DocLengths | None, seq_len: int | None
+        self, tokens: Tokens | None, doc_lengths: Lengths | None, seq_len: int | None
     ) -> tuple[Tokens, Any]:
         """The step's tokens and extra FLOPs (None: no shapes), its micro-batches included; then empty."""
         if tokens is not None:
@@ -154,7 +154,7 @@ class StepInput:
         self.pending = self._extra = None
         return out
 
-    def _extra_of(self, tokens: Tokens, doc_lengths: DocLengths | None, seq_len: int | None) -> Any:
+    def _extra_of(self, tokens: Tokens, doc_lengths: Lengths | None, seq_len: int | None) -> Any:
         """This micro-batch's attention FLOPs by its own shapes, less tokens x the setup's per token."""
         flops = self._flops
         if doc_lengths is not None and seq_len is not None:
@@ -175,5 +175,7 @@ class StepInput:
                 row = step_attention_flops([seq_len], self._layers, causal=flops.causal)
                 per_token = self._per_token[seq_len] = row / seq_len
             return None if abs(per_token - setup) < 0.5 else tokens * (per_token - setup)  # 0.5: rounding
-        attention = step_attention_flops(check_doc_lengths(doc_lengths), self._layers, causal=flops.causal)
-        return attention - tokens * setup
+        docs = check_doc_lengths(doc_lengths)
+        if not self._layers:
+            return None  # no attention layers: no attention FLOPs to change
+        return step_attention_flops(docs, self._layers, causal=flops.causal) - tokens * setup

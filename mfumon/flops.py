@@ -135,6 +135,8 @@ def causal_keys(seq_len: Any, window: int | None) -> Any:
 
     `seq_len` is an int, or an integer tensor of sequence lengths (keys per element, on its device).
     """
+    if window is None:
+        return seq_len * (seq_len + 1) // 2  # the same sum with w = s, in fewer operations
     w = _capped(seq_len, window)
     return w * (w + 1) // 2 + (seq_len - w) * w
 
@@ -164,11 +166,10 @@ def step_attention_flops(
             flops * sum((causal_keys if is_causal else full_keys)(n, window) for n in doc_lengths)
             for (window, is_causal), flops in per_key.items()
         )
-    n = doc_lengths.reshape(-1).to(torch.int64)  # (docs,); int64: n * n overflows int32 at 46k
+    n = doc_lengths.reshape(-1).to(torch.float64)  # (docs,); whole numbers, exact to 2**53
     total = torch.zeros((), dtype=torch.float64, device=n.device)
     for (window, is_causal), flops in per_key.items():
-        keys = (causal_keys if is_causal else full_keys)(n, window)  # (docs,)
-        total = total + keys.sum().to(torch.float64) * flops
+        total = total + (causal_keys if is_causal else full_keys)(n, window).sum() * flops
     return total
 
 

@@ -133,7 +133,7 @@ def grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
 def causal_keys(seq_len: Any, window: int | None) -> Any:
     """Keys attended by all queries of one causal sequence: sum of min(i, w) for i = 1..s.
 
-    `seq_len` is an int, or an integer tensor of sequence lengths (keys per element, on its device).
+    `seq_len` is an int, or a tensor of whole-number lengths (keys per element, on its device).
     """
     if window is None:
         return seq_len * (seq_len + 1) // 2  # the same sum with w = s, in fewer operations
@@ -318,7 +318,7 @@ def _dims(a: AttentionShape) -> tuple[int, int, int]:
 
 
 def _capped(seq_len: Any, window: int | None) -> Any:
-    """min(seq_len, window) for an int or an integer tensor; seq_len when there is no window."""
+    """min(seq_len, window) for an int or a tensor; seq_len when there is no window."""
     if window is None:
         return seq_len
     return seq_len.clamp(max=window) if isinstance(seq_len, torch.Tensor) else min(window, seq_len)

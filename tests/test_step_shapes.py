@@ -136,7 +136,9 @@ def test_non_causal_documents_match_flop_counter_mode_on_each_document() -> None
     mon.step(tokens=sum(docs), doc_lengths=torch.tensor(docs))
     mon.close()
     flops, tokens, _ = run_flops(mon)
-    assert flops == pytest.approx(measured + 6 * 320 * tokens, rel=1e-12)
+    # rel 1e-4: on transformers 4.x FlopCounterMode also counts the rotary embedding's (8 x 1) @ (1 x s)
+    # matmul, forward only: 16 FLOPs per token (0.004% here); on 5.x it is no matmul and the match exact.
+    assert flops == pytest.approx(measured + 6 * 320 * tokens, rel=1e-4)
 
 
 def test_micro_steps_add_up_their_shapes() -> None:

@@ -3,8 +3,9 @@
 Framework-free: imports torch and mfumon only. `CallbackOptions` is the one source of both
 callbacks' signatures: each callback class inherits it, so its ``__init__`` is the dataclass's.
 The callbacks turn trainer hooks into four calls:
-`build` (first training batch), `micro` (each micro-batch), `step` (after each optimizer step)
-and `close` (end of training); `pause`/`resume` bracket evaluation and checkpointing.
+`build` (first training batch), `micro` (each micro-batch, with its own shapes: `batch_shapes`),
+`step` (after each optimizer step) and `close` (end of training); `pause`/`resume` bracket
+evaluation and checkpointing.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from mfumon.dtypes import normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, FaultLog, MfumonWarning, check_int, log
 from mfumon.flops import CONVENTIONS
 from mfumon.hardware import peak_override_flops
+from mfumon.integrations.batches import batch_shapes, batch_tokens, config_seq_len
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
 from mfumon.monitor import DEFAULT_WARMUP, Monitor, Tokens, default_run_name
 from mfumon.recompute import check_recompute
 
-__all__ = ["CallbackCore", "CallbackOptions", "LoggerSpec", "batch_tokens", "config_seq_len"]
+__all__ = ["CallbackCore", "CallbackOptions", "LoggerSpec"]
 
 LoggerSpec = Iterable[str | Logger] | str | Logger | None
 
@@ -60,6 +62,7 @@ class CallbackOptions:
     convention: str = "mfumon"
     measure_ceiling: bool = False
     recompute: Any = "auto"  # activation-checkpointing recompute for HFU, as for mfumon.Monitor
+    step_shapes: bool = True  # each batch's own documents or sequence length set its attention FLOPs
 
     def __post_init__(self) -> None:
         for name, what in (
@@ -71,6 +74,8 @@ class CallbackOptions:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), what)
         check_int("warmup", self.warmup, "steps excluded from averages", minimum=0)
+        if not isinstance(self.step_shapes, bool):
+            raise ConfigTypeError(f"step_shapes must be True or False, got {self.step_shapes!r}")
         if self.tokens_fn is not None and not callable(self.tokens_fn):
             raise ConfigTypeError(
                 f"tokens_fn must be a function batch -> tokens, got {type(self.tokens_fn).__name__}"
@@ -98,44 +103,6 @@ class CallbackOptions:
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(CallbackOptions))
-
-
-def batch_tokens(batch: Any) -> tuple[Tokens, int] | None:
-    """Tokens in one micro-batch and its sequence length; None when the batch shows no tokens.
-
-    Found by structure: a mapping with a 2-D `attention_mask` (non-padding tokens, left on the
-    device: never synced here) or `input_ids` (all of them); else an integer (batch, seq)
-    tensor, alone or first in a tuple/list.
-    """
-    if isinstance(batch, Mapping):
-        ids = batch.get("input_ids")
-        mask = batch.get("attention_mask")
-        ids = ids if isinstance(ids, torch.Tensor) and ids.ndim >= 1 else None
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and (ids is None or mask.shape == ids.shape):
-            return mask.sum(), int(mask.shape[-1])
-        if ids is not None:
-            return ids.numel(), int(ids.shape[-1])
-        return None
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if (
-        isinstance(batch, torch.Tensor)
-        and batch.ndim == 2
-        and not (batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool)
-    ):
-        return batch.numel(), int(batch.shape[-1])
-    return None
-
-
-def config_seq_len(model: nn.Module) -> int | None:
-    """The longest sequence the model's config allows (`max_position_embeddings`/`n_positions`)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        for name in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
 
 
 class _Gate(Logger):
@@ -182,6 +149,7 @@ class CallbackCore:
         self._world = 1
         self._has_micro = False
         self._closed = False
+        self._shapes = False  # pass each micro-batch's own shapes to the monitor
 
     # -- setup ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -246,6 +214,7 @@ class CallbackCore:
             return None, None
         self.monitor = monitor.start()
         self._world = rank_world()[1]
+        self._shapes = self._wants_shapes() and monitor.breakdown is not None
         return monitor, tokens
 
     def _find_problem(self, model: nn.Module, batch: Any, has_tokens: bool) -> str | None:
@@ -267,6 +236,18 @@ class CallbackCore:
         found = batch_tokens(batch)
         return self.options.seq_len or (found[1] if found is not None else None) or config_seq_len(model)
 
+    def _wants_shapes(self) -> bool:
+        opts = self.options
+        return opts.step_shapes and opts.flops_per_token is None and opts.convention == "mfumon"
+
+    def _setup_docs(self, batch: Any, seq_len: int | None) -> list[int] | None:
+        """The first batch's document lengths, for the FLOPs per token reported at setup."""
+        docs = batch_shapes(batch).get("doc_lengths") if self._wants_shapes() and seq_len else None
+        if docs is None:
+            return None
+        found = [n for n in docs.tolist() if n > 0]  # host sync: once, at the first batch
+        return found if found and max(found) <= seq_len else None
+
     def _new_monitor(
         self,
         model: nn.Module,
@@ -283,9 +264,11 @@ class CallbackCore:
             if run_name is None:
                 run_name = default_run_name()
             loggers = [sink, *make_loggers(opts.loggers, run_name=run_name, log_dir=Path(opts.log_dir))]
+        seq_len = self._seq_len(model, batch)
         return Monitor(
             model,
-            seq_len=self._seq_len(model, batch),
+            seq_len=seq_len,
+            doc_lengths=self._setup_docs(batch, seq_len),
             log_every=opts.log_every or log_every,
             warmup=opts.warmup,
             loggers=(_Gate(self, loggers),),
@@ -302,10 +285,11 @@ class CallbackCore:
         )
 
     # -- per step ------------------------------------------------------------------------------
-    def micro(self, tokens: Tokens | None) -> None:
-        """Add one micro-batch's tokens from `tokens()` (no host sync; None counts 0)."""
+    def micro(self, tokens: Tokens | None, batch: Any = None) -> None:
+        """Add one micro-batch's tokens from `tokens()` and its shapes (no host sync; None counts 0)."""
         if self.monitor is not None and not self.off:
-            self.monitor.micro_step(tokens=0 if tokens is None else tokens)
+            shapes = batch_shapes(batch) if self._shapes and tokens is not None else {}
+            self.monitor.micro_step(tokens=0 if tokens is None else tokens, **shapes)
             self._has_micro = True
 
     def step(self, tokens: Tokens | None = None) -> None:

@@ -88,8 +88,9 @@ class MFUCallback(CallbackOptions, _Callback):
     optimizer's time fall inside one step), the world size (torch.distributed), and tokens per
     micro-batch from the batch: `attention_mask.sum()` (non-padding tokens) or
     `input_ids.numel()` of a dict batch, or an integer (batch, seq) tensor alone or first in a
-    tuple. The sequence length is the first batch's `input_ids.shape[-1]`. Validation,
-    checkpointing and epoch ends are not timed. It prints nothing unless `loggers=` asks.
+    tuple. Each batch's attention FLOPs follow its own shapes: documents from `cu_seq_lens_q` or
+    packed `position_ids` restarts, else its own sequence length (found on the device, no sync).
+    Validation, checkpointing and epoch ends are not timed. It prints nothing unless `loggers=` asks.
 
     Args:
         seq_len: tokens per sequence, when the batch does not show it.
@@ -102,6 +103,7 @@ class MFUCallback(CallbackOptions, _Callback):
         loggers: extra mfumon loggers ("stdout", "jsonl", "wandb", "tensorboard" or instances).
         run_name, log_dir: where file loggers write.
         flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.
+        step_shapes: read each batch's own documents or sequence length (False: the first batch's).
     """
 
     def __post_init__(self) -> None:
@@ -151,7 +153,7 @@ class MFUCallback(CallbackOptions, _Callback):
             else:
                 core.resume()  # after validation, a checkpoint or an epoch end
                 tokens = core.tokens(batch)
-            core.micro(tokens)
+            core.micro(tokens, batch)
         except Exception as exc:
             core.fault("on_train_batch_start", exc)
 

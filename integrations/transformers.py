@@ -99,9 +99,11 @@ class MFUCallback(CallbackOptions, _Callback):
     (`on_step_end`, after gradient accumulation and the optimizer), the world size
     (torch.distributed), and tokens per micro-batch from the model's inputs, seen by a forward
     pre-hook while the model trains: `attention_mask.sum()` (non-padding) or
-    `input_ids.numel()`; else `state.num_input_tokens_seen` when the Trainer counts it. The
-    sequence length is the first batch's `input_ids.shape[-1]`. Evaluation and checkpoint saving
-    are not timed. It prints nothing unless `loggers=` asks.
+    `input_ids.numel()`; else `state.num_input_tokens_seen` when the Trainer counts it. Each
+    batch's attention FLOPs follow its own shapes: documents from `cu_seq_lens_q` or packed
+    `position_ids` restarts (`DataCollatorWithFlattening`), else its own sequence length (dynamic
+    padding), found on the device with no sync. Evaluation and checkpoint saving are not timed. It
+    prints nothing unless `loggers=` asks.
 
     Args:
         seq_len: tokens per sequence, when the inputs do not show it.
@@ -114,6 +116,7 @@ class MFUCallback(CallbackOptions, _Callback):
         loggers: extra mfumon loggers ("stdout", "jsonl", "wandb", "tensorboard" or instances).
         run_name, log_dir: where file loggers write.
         flops_per_token, causal, convention, measure_ceiling, recompute: as for `mfumon.Monitor`.
+        step_shapes: read each batch's own documents or sequence length (False: the first batch's).
     """
 
     def __post_init__(self) -> None:
@@ -196,7 +199,7 @@ class MFUCallback(CallbackOptions, _Callback):
             elif not self._from_state:
                 tokens = core.tokens(kwargs)
             if not self._from_state:
-                core.micro(tokens)
+                core.micro(tokens, kwargs)
         except Exception as exc:
             core.fault("forward pre-hook", exc)
 

@@ -48,6 +48,8 @@ class FlopModel:
         self.breakdown: FlopBreakdown | None = None
         self._faults = faults
         self._options = {"causal": causal, "convention": convention, "doc_lengths": doc_lengths}
+        self.causal, self.convention = causal, convention  # what per-step shapes are counted under
+        self.grads: Any = "auto"  # which inputs need a gradient: by model order until the first step shows it
         self._probe: RecomputeProbe | None = None  # watches the first step for what re-runs
         auto = model is not None and isinstance(recompute, str) and recompute == "auto"
         self._late_check = auto  # say once if checkpointing was enabled after setup
@@ -151,6 +153,7 @@ class FlopModel:
                 return  # no training forward yet
             refined = flop_breakdown(model, seq_len, recompute="none", grads=observed, **self._options)
             self.breakdown = replace(refined, recompute=before.recompute)
+            self.grads = observed
             self.flops_per_token = self.breakdown.total
             self.hw_flops_per_token = self.breakdown.hardware
             if refined.total != before.total:

@@ -1,4 +1,4 @@
-"""Training FLOPs per token from the live model, under a named convention: every FLOP formula.
+"""Training FLOPs per token from the live model, under a named convention (formulas: `mfumon.formulas`).
 
 Conventions (``convention=``), all per token of training (forward + backward = 3 x forward):
 
@@ -43,6 +43,21 @@ from torch import nn
 from mfumon._grads import ALL_QKV, QKV
 from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int, log
+from mfumon.formulas import (
+    attention_dims,
+    attention_training_flops,
+    causal_keys,
+    forward_flops,
+    full_keys,
+    grouped_mm_flops,
+    matmul_flops,
+    matmul_pass_flops,
+    matmul_training_flops,
+    sdpa_backward_flops,
+    sdpa_forward_flops,
+    softmax_training_flops,
+    step_attention_flops,
+)
 from mfumon.params import Layout, layout, region_layout
 from mfumon.recompute import ATTENTION, MATMUL, check_recompute, reruns
 
@@ -62,6 +77,7 @@ __all__ = [
     "sdpa_backward_flops",
     "sdpa_forward_flops",
     "softmax_training_flops",
+    "step_attention_flops",
 ]
 
 CONVENTIONS = ("mfumon", "6N", "palm", "chinchilla")
@@ -98,71 +114,6 @@ class FlopBreakdown:
     def hardware(self) -> int:
         """FLOPs per token the hardware runs: total plus recompute (for HFU)."""
         return self.total + self.recompute
-
-
-# --- formulas: one per line, everything else composes them -----------------------------------
-
-
-def matmul_flops(m: int, k: int, n: int) -> int:
-    return 2 * m * k * n  # (m x k) @ (k x n): one multiply and one add per term
-
-
-def matmul_training_flops(weights: int) -> int:
-    return 6 * weights  # 2 forward + 4 backward per weight per token (Kaplan et al. 2020, sec. 2.1)
-
-
-def matmul_pass_flops(weight_passes: int) -> int:
-    return 2 * weight_passes  # 2 per weight per pass: forward, its gradient, its input's gradient
-
-
-def attention_training_flops(
-    keys: int, heads: int, qk_head_dim: int, v_head_dim: int, grads: QKV = ALL_QKV
-) -> int:
-    """Q@K^T (2*dqk per key) and A@V (2*dv): forward, and the backward products `grads` (Q, K, V) need.
-
-    With every gradient, 3 x forward: 6 x keys x heads x (dqk + dv) (PaLM, arXiv:2204.02311, App. B).
-    """
-    q, k, v = grads  # Q@K^T: forward, dQ, dK; A@V: forward, dA (if Q or K needs it), dV
-    return 2 * keys * heads * ((1 + q + k) * qk_head_dim + (1 + (q or k) + v) * v_head_dim)
-
-
-def softmax_training_flops(keys: int, heads: int, backward: bool = True) -> int:
-    return (9 if backward else 3) * keys * heads  # 3 per score forward, backward 2x (Hoffmann 2022, App. F)
-
-
-def forward_flops(training_flops: int) -> int:
-    return (2 * training_flops + 3) // 6  # training = 3 x forward (backward 2x forward), rounded half up
-
-
-def sdpa_forward_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
-    """Forward FLOPs of one attention kernel call, every score counted (masked ones too)."""
-    b, heads, s_q, d_qk = q_shape  # (B, hq, sq, dqk); K (B, hkv, sk, dqk); V (B, hkv, sk, dv)
-    return 2 * b * heads * s_q * k_shape[2] * (d_qk + v_shape[3])  # Q@K^T + A@V
-
-
-def sdpa_backward_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
-    """Backward FLOPs of one attention kernel call: dQ, dK from dScores; dV, dScores from dOut."""
-    return 2 * sdpa_forward_flops(q_shape, k_shape, v_shape)  # 2x forward
-
-
-def grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
-    """FLOPs of one ``_grouped_mm`` call: 2-D x 3-D / 3-D x 2-D / 2-D x 2-D split M, N or K into groups."""
-    m, k, n = a_shape[-2] if len(a_shape) > 1 else 1, a_shape[-1], b_shape[-1]
-    groups = a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1  # 3-D x 3-D is a batched mm
-    return groups * matmul_flops(m, k, n)
-
-
-def causal_keys(seq_len: int, window: int | None) -> int:
-    """Keys attended by all queries of one causal sequence: sum of min(i, w) for i = 1..s."""
-    w = seq_len if window is None else min(window, seq_len)
-    return w * (w + 1) // 2 + (seq_len - w) * w
-
-
-def full_keys(seq_len: int, window: int | None) -> int:
-    """Keys attended by all queries of one bidirectional sequence: s x s, or with a window the
-    (query, key) pairs less than w apart: s + 2 x sum of (s - d) for d = 1..min(w, s) - 1."""
-    reach = seq_len - 1 if window is None else min(window, seq_len) - 1
-    return seq_len + reach * (2 * seq_len - reach - 1)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -276,7 +227,7 @@ def _components(
         return FlopBreakdown(
             **weights,
             attn_scores=_per_token(
-                sum(attention_training_flops(full, *_dims(a), g) for a, g in pairs), seq_len
+                sum(attention_training_flops(full, *attention_dims(a), g) for a, g in pairs), seq_len
             ),
             embedding=matmul_pass_flops(passes.embedding),
             softmax=_per_token(
@@ -287,9 +238,11 @@ def _components(
     if convention == "6N":
         return FlopBreakdown(**weights, attn_scores=0, other=other)
     if convention == "palm":
-        scores = sum(attention_training_flops(full_keys(seq_len, None), *_dims(a), g) for a, g in pairs)
+        scores = sum(
+            attention_training_flops(full_keys(seq_len, None), *attention_dims(a), g) for a, g in pairs
+        )
         return FlopBreakdown(**weights, attn_scores=_per_token(scores, seq_len), other=other)
-    scores = sum(attention_training_flops(_keys(a, docs, causal), *_dims(a), g) for a, g in pairs)
+    scores = sum(attention_training_flops(_keys(a, docs, causal), *attention_dims(a), g) for a, g in pairs)
     return FlopBreakdown(**weights, attn_scores=_per_token(scores, sum(docs)), other=other)
 
 
@@ -353,10 +306,6 @@ def _say_uncounted(model: nn.Module, found: Layout) -> None:
             MfumonWarning,
             stacklevel=3,  # _say_uncounted <- flop_breakdown <- its caller
         )
-
-
-def _dims(a: AttentionShape) -> tuple[int, int, int]:
-    return a.heads, a.qk_head_dim, a.v_head_dim
 
 
 def _per_token(flops: int, tokens: int) -> int:

@@ -140,15 +140,18 @@ def split_windows(
 ) -> tuple[Window, Window, list[StepRecord], list[StepRecord]]:
     """One rank's warm-up and measured windows from resolved steps, then the steps left out of them.
 
-    Steps that started while paused (no time) belong to neither. Left out and returned: steps whose
-    token count is not a whole number >= 0 (NaN, negative, fractional: a tensor count is only
-    checked here), then steps with a non-positive or non-finite time.
+    A step's model FLOPs are tokens x flops_per_token plus its `extra_flops` (its own shapes); its
+    hardware FLOPs scale with them: tokens x hw_flops_per_token plus extra x hw / model per token
+    (the setup's recompute share). Steps that started while paused (no time) belong to neither.
+    Left out and returned: steps whose token count is not a whole number >= 0 (NaN, negative,
+    fractional: a tensor count is only checked here), then steps with a non-positive or non-finite
+    time.
     """
-    sums = [[0, 0.0, 0.0], [0, 0.0, 0.0]]  # [steps, tokens, seconds] for warm-up, measured
+    sums = [[0, 0.0, 0.0, 0.0], [0, 0.0, 0.0, 0.0]]  # warm-up, measured: [steps, tokens, seconds, extra]
     bad_tokens: list[StepRecord] = []
     bad_times: list[StepRecord] = []
     for record in records:
-        index, seconds, tokens = record
+        index, seconds, tokens, extra = record
         if seconds is None:
             continue  # started while paused: not timed
         if not (tokens >= 0 and tokens.is_integer()):  # NaN and infinities are no integers
@@ -161,7 +164,10 @@ def split_windows(
         acc[0] += 1
         acc[1] += tokens
         acc[2] += seconds
+        acc[3] += extra
+    hw_share = hw_flops_per_token / flops_per_token
     warm, meas = (
-        Window(int(n), tok, tok * flops_per_token, tok * hw_flops_per_token, sec) for n, tok, sec in sums
+        Window(int(n), tok, tok * flops_per_token + ex, tok * hw_flops_per_token + ex * hw_share, sec)
+        for n, tok, sec, ex in sums
     )
     return warm, meas, bad_tokens, bad_times

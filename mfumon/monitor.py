@@ -1,14 +1,12 @@
 """The monitor: ties the FLOP model, the device peak, step timing and the loggers together.
 
-Data flows one way: model -> FLOPs per token (once, at setup: `FlopModel`) -> per step: tokens and
-one device timestamp (`StepTimer`) -> per log interval: resolved windows, reduced across ranks
-once (`Reducer`) -> loggers.
+Data flows one way: model -> FLOPs per token (once, at setup: `FlopModel`) -> per step: tokens,
+the step's own shapes if given (`StepInput`) and one device timestamp (`StepTimer`) -> per log
+interval: resolved windows, reduced across ranks once (`Reducer`) -> loggers.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -22,24 +20,25 @@ from torch import nn
 
 from mfumon.distributed import Reducer, initialized, rank_world
 from mfumon.dtypes import matmul_dtype, normalize_dtype
-from mfumon.errors import ConfigError, ConfigTypeError, FaultLog, check_int
+from mfumon.errors import ConfigTypeError, FaultLog, check_int
 from mfumon.flop_model import FlopModel
 from mfumon.hardware import autocast_peak, measure_peak_flops, mixed_peak, resolve_peak
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
+from mfumon.steps import Lengths, StepInput, Tokens, check_tokens
 from mfumon.timing import StepTimer
 from mfumon.windows import Windows
 
 __all__ = ["DEFAULT_WARMUP", "Monitor", "Tokens", "check_tokens", "default_run_name", "monitor"]
 
 DEFAULT_WARMUP = 5
-Tokens = int | float | torch.Tensor  # a whole number of tokens, or a one-element tensor on any device
 
 
 class Monitor:
     """Live MFU/HFU, TFLOP/s, tokens/s and step time for a training loop.
 
     Call `step(tokens=...)` once per optimizer step (all micro-batches' tokens of this rank), or
-    `micro_step(tokens=...)` per micro-batch and `step()` after the optimizer step. Every
+    `micro_step(tokens=...)` per micro-batch and `step()` after the optimizer step; either takes the
+    step's own `doc_lengths=` or `seq_len=` for its attention FLOPs. Every
     `log_every` steps the finished steps are reduced across ranks (once) and sent to the
     loggers. Use as a context manager, or call `start()` and `close()` yourself.
 
@@ -127,7 +126,7 @@ class Monitor:
         )
         if initialized() or "RANK" in os.environ:
             self._build_loggers()  # the rank is known: file and W&B setup errors surface here
-        self._micro: Tokens | None = None
+        self._input = StepInput(self.flops)  # tokens and shapes until step() closes the step
         self._started = self._closed = False
         self._hook: Any = None  # one-shot: the autocast dtype at the first forward
         if model is not None and peak.pending:  # the autocast dtype, Transformer Engine's FP8
@@ -139,7 +138,6 @@ class Monitor:
     flops_per_token = property(lambda self: self.flops.flops_per_token, doc="Model FLOPs per token.")
     hw_flops_per_token = property(lambda self: self.flops.hw_flops_per_token, doc="With recompute.")
     measured_peak_flops = property(lambda self: self._windows.measured_peak_flops, doc="GEMM ceiling.")
-
     peak = property(lambda self: self._windows.peak, doc="The per-device peak MFU divides by (PeakInfo).")
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -188,15 +186,7 @@ class Monitor:
         if self._hook is not None:
             self._hook.remove()
         self.flops.close()
-        world = self._reducer.world
-        if self._started and not (failed and world > 1):  # other ranks may not reach close() then
-            fresh = self._step > self._windows.logged_step
-            if fresh or self._timer.pending or world > 1:
-                # Steps carried over from the last log (unfinished on the GPU then) join the totals
-                # but get no second window at the same step.
-                self._windows.log(self._step, final=True, emit=fresh)
-        self._windows.loggers.call("log_summary", self.summary())
-        self._windows.loggers.call("close")
+        self._windows.finish(self._step, started=self._started, failed=failed)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -216,34 +206,31 @@ class Monitor:
         self._guard("timing", self._timer.start)
 
     # -- per step ------------------------------------------------------------------------------
-    def micro_step(self, *, tokens: Tokens) -> None:
-        """Add the tokens of one micro-batch (gradient accumulation); `step()` closes the step."""
-        tokens = check_tokens(tokens)
-        self._micro = tokens if self._micro is None else self._micro + tokens
+    def micro_step(
+        self, *, tokens: Tokens, doc_lengths: Lengths | None = None, seq_len: int | None = None
+    ) -> None:
+        """Add one micro-batch (gradient accumulation): its tokens and shapes as for `step()`."""
+        self._input.add(tokens, doc_lengths, seq_len)
 
-    def step(self, *, tokens: Tokens | None = None) -> None:
+    def step(
+        self, *, tokens: Tokens | None = None, doc_lengths: Lengths | None = None, seq_len: int | None = None
+    ) -> None:
         """Mark the end of one optimizer step that processed `tokens` on this rank.
 
         `tokens` is an int or a 0-d tensor (a device tensor is read at log time, never synced
-        here), added to what `micro_step()` collected since the last step.
+        here), added to what `micro_step()` collected since the last step. `doc_lengths` (the
+        documents packed into it: a list or 1-D integer tensor, any device) or `seq_len` (its rows'
+        length) set its attention FLOPs, computed on their device and read at log time.
         """
-        if tokens is not None:
-            tokens = check_tokens(tokens)
-            if self._micro is not None:
-                tokens = self._micro + tokens
-        elif self._micro is not None:
-            tokens = self._micro
-        else:
-            raise ConfigError(
-                "step() needs tokens=<tokens in this optimizer step>, or micro_step(tokens=...) calls"
-            )
-        self._micro = None
+        extra, plain = None, type(tokens) is int and tokens >= 0 and doc_lengths is seq_len is None
+        if not plain or self._input.pending is not None:  # a plain count needs no call: the hot path
+            tokens, extra = self._input.take(tokens, doc_lengths, seq_len)
         self._step += 1
         if not self._started:  # Monitor used without start(): this first step only starts the clock
             self._guard("start", self.start)
         else:
             try:
-                self._timer.mark_step(self._step, tokens)
+                self._timer.mark_step(self._step, tokens, extra)
             except Exception as exc:  # a monitor must never stop a training run
                 self._faults.fault("timing", exc)
         self.flops.after_step()
@@ -284,28 +271,6 @@ class Monitor:
             self._windows.peak = autocast_peak(self.peak, peak_tflops=self._peak_tflops, device=self.device)
         except Exception as exc:
             self._faults.fault("dtype", exc)
-
-
-def check_tokens(tokens: Any, name: str = "tokens") -> Tokens:
-    """Validate a token count: a whole number >= 0 or a one-element numeric tensor (shape only)."""
-    if type(tokens) is int:  # fast path
-        if tokens < 0:
-            raise ConfigError(f"{name} must be >= 0 (tokens processed in this step), got {tokens}")
-        return tokens
-    if isinstance(tokens, torch.Tensor):
-        if tokens.numel() != 1 or tokens.dtype == torch.bool or tokens.is_complex():
-            raise ConfigError(
-                f"{name} must be a number or a one-element tensor such as attention_mask.sum(), "
-                f"got a tensor of shape {tuple(tokens.shape)} and dtype {tokens.dtype}"
-            )
-        return tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Real):
-        raise ConfigTypeError(f"{name} must be a whole number of tokens (int or 0-d tensor), got {tokens!r}")
-    if not math.isfinite(tokens) or tokens < 0 or float(tokens) != int(tokens):
-        raise ConfigError(
-            f"{name} must be a whole number >= 0 (tokens processed in this step), got {tokens!r}"
-        )
-    return int(tokens)
 
 
 def default_run_name() -> str:

@@ -6,9 +6,10 @@ recorded steps in order and stops at the first one the device has not finished y
 (`Event.query()` does not block), so a log never waits for the GPU queue to drain; unfinished
 steps are carried over to the next log.
 
-Token counts may be 0-d device tensors (e.g. `attention_mask.sum()`). They are copied
-asynchronously into pinned host memory before the step's event is recorded, so by the time the
-event has completed the value is on the host and can be read without a sync.
+Token counts may be 0-d device tensors (e.g. `attention_mask.sum()`), and so may a step's extra
+FLOPs (its own attention shapes, see `mfumon.steps`). They are copied asynchronously into pinned
+host memory before the step's event is recorded, so by the time the event has completed the
+values are on the host and can be read without a sync.
 """
 
 from __future__ import annotations
@@ -23,24 +24,29 @@ __all__ = ["StepRecord", "StepTimer"]
 
 
 class StepRecord(NamedTuple):
-    """One resolved optimizer step: its 1-based index, device seconds (None if untimed) and tokens."""
+    """One resolved optimizer step: its 1-based index, device seconds (None if untimed) and tokens.
+
+    `extra_flops`: model FLOPs beyond tokens x flops_per_token, from the step's own shapes (0: none).
+    """
 
     index: int
     seconds: float | None
     tokens: float
+    extra_flops: float = 0.0
 
 
 class _Recorded:
     """One recorded step, waiting for the device to finish it."""
 
-    __slots__ = ("banked", "end", "index", "start", "tokens")
+    __slots__ = ("banked", "end", "extra", "index", "start", "tokens")
 
-    def __init__(self, index: int, start: Any, end: Any, tokens: Any, banked: Any) -> None:
+    def __init__(self, index: int, start: Any, end: Any, tokens: Any, banked: Any, extra: Any) -> None:
         self.index = index
         self.start = start  # mark at which it began or last resumed; None when it ended while paused
         self.end = end
         self.tokens = tokens  # int/float, or a pinned 0-d CPU tensor filled asynchronously
         self.banked = banked  # (start, pause) spans it ran before pauses, usually none
+        self.extra = extra  # None, a number, or a pinned 0-d CPU tensor, like tokens
 
 
 class StepTimer:
@@ -99,15 +105,20 @@ class StepTimer:
         """True between `pause()` and the next `start()`."""
         return self._last is None
 
-    def mark_step(self, index: int, tokens: int | float | torch.Tensor) -> None:
-        """Mark the end of step `index`, which processed `tokens` (a number or a 0-d tensor)."""
+    def mark_step(self, index: int, tokens: int | float | torch.Tensor, extra: Any = None) -> None:
+        """Mark the end of step `index`, which processed `tokens` (a number or a 0-d tensor).
+
+        `extra`: its model FLOPs beyond tokens x flops_per_token (None, a number or a 0-d tensor).
+        """
         if isinstance(tokens, torch.Tensor):
             tokens = self._stage(tokens)
+        if extra is not None and isinstance(extra, torch.Tensor):
+            extra = self._stage(extra)
         end = self._mark()
         banked: Any = ()  # no pause in this step: the common case, nothing allocated
         if self._banked:
             banked, self._banked = self._banked, []
-        self._pending.append(_Recorded(index, self._last, end, tokens, banked))
+        self._pending.append(_Recorded(index, self._last, end, tokens, banked, extra))
         self._last = end
 
     def _stage(self, tokens: torch.Tensor) -> Any:
@@ -141,27 +152,31 @@ class StepTimer:
         if wait and self.cuda and self._pending:
             self._pending[-1].end.synchronize()  # host sync: only at close(), once
         out: list[StepRecord] = []
-        while (
-            self._pending
-            and (upto is None or self._pending[0].index <= upto)
-            and self._ready(self._pending[0].end)
-        ):
-            rec = self._pending.popleft()
+        pending, cuda = self._pending, self.cuda  # the loop runs once per step: no needless calls
+        while pending and (upto is None or pending[0].index <= upto) and (not cuda or pending[0].end.query()):
+            rec = pending.popleft()
             seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
             if seconds is not None and rec.banked:  # the time it ran before each pause
                 seconds += sum(self._elapsed_s(start, paused) for start, paused in rec.banked)
-            tokens = rec.tokens
+            tokens, extra = rec.tokens, rec.extra
             if isinstance(tokens, torch.Tensor):
-                value = float(tokens)  # a CPU tensor already written: no device sync
-                if tokens.is_pinned():
-                    self._free_slots.append(tokens)
-                tokens = value
-            out.append(StepRecord(rec.index, seconds, float(tokens)))
-            self._release(rec.start)  # its end is the next step's start: released with that one
-            if rec.start is not None:
-                for start, paused in rec.banked:
-                    self._release(start)
-                    self._release(paused)
+                tokens = self._read(tokens)
+            out.append(
+                StepRecord(rec.index, seconds, float(tokens), 0.0 if extra is None else self._read(extra))
+            )
+            if cuda:  # CPU marks are floats: nothing to release
+                self._release(rec.start)  # its end is the next step's start: released with that one
+                if rec.start is not None:
+                    for start, paused in rec.banked:
+                        self._release(start)
+                        self._release(paused)
+        return out
+
+    def _read(self, value: Any) -> float:
+        """A staged value as a float; a tensor is a CPU tensor already written: no device sync."""
+        out = float(value)
+        if isinstance(value, torch.Tensor) and value.is_pinned():
+            self._free_slots.append(value)  # the slot is free for a later step
         return out
 
     @property

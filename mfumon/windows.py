@@ -67,7 +67,7 @@ class Windows:
                 flops_per_token=self.flops.flops_per_token,
                 hw_flops_per_token=self.flops.hw_flops_per_token,
             )
-            for index, _, tokens in bad_tokens:
+            for index, _, tokens, _ in bad_tokens:
                 self._faults.report(
                     "tokens",
                     "mfumon: step %d counted %s tokens; a token count must be a whole number >= 0 "
@@ -75,7 +75,7 @@ class Windows:
                     index,
                     tokens,
                 )
-            for index, seconds, tokens in bad_times:
+            for index, seconds, tokens, _ in bad_times:
                 self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
         except Exception as exc:
             self._faults.fault("timing", exc)
@@ -85,6 +85,18 @@ class Windows:
             self._emit(warm, meas, step, emit=emit)
         except Exception as exc:
             self._faults.fault("metrics", exc)
+
+    def finish(self, step: int, *, started: bool, failed: bool) -> None:
+        """At close: log the last partial window (unless the run failed across ranks), then the summary."""
+        world = self.reducer.world
+        if started and not (failed and world > 1):  # other ranks may not reach close() then
+            fresh = step > self.logged_step
+            if fresh or self.timer.pending or world > 1:
+                # Steps carried over from the last log (unfinished on the GPU then) join the totals
+                # but get no second window at the same step.
+                self.log(step, final=True, emit=fresh)
+        self.loggers.call("log_summary", self.summary(step))
+        self.loggers.call("close")
 
     def _emit(self, warm: Window, meas: Window, step: int, *, emit: bool) -> None:
         if not emit:  # steps carried over to close(): totals only, no second window at this step

@@ -180,7 +180,7 @@ def freeze_lower_half(model: nn.Module) -> nn.Module:
     for m in inner.modules():
         if isinstance(m, nn.Embedding):
             m.requires_grad_(False)
-    layers = next(c for c in inner.children() if isinstance(c, nn.ModuleList))
+    layers = next(m for m in inner.modules() if isinstance(m, nn.ModuleList))  # the decoder layers
     for layer in layers[: len(layers) // 2]:
         layer.requires_grad_(False)
     return model

@@ -98,10 +98,12 @@ def test_fp8_flops_match_flop_counter_on_the_executed_step() -> None:
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids, labels=ids).loss.backward()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    assert counts["LlamaForCausalLM.model"] / (batch * seq) == FP8_LLAMA
+    # transformers 4.x computes the rotary table with a matmul inside the body: not a linear, left out
+    body = counts["LlamaForCausalLM.model"] - counts.get("LlamaForCausalLM.model.rotary_emb", 0)
+    assert body / (batch * seq) == FP8_LLAMA
     assert counts["LlamaForCausalLM.lm_head"] / (batch * seq) == 6 * 64 * 128
     plan = find_precision(model, base="bf16", seq_len=seq)  # no FLOP model total: the structural one
-    assert plan.flops_by_dtype()["fp8"] == counts["LlamaForCausalLM.model"] // (batch * seq)
+    assert plan.flops_by_dtype()["fp8"] == body // (batch * seq)
 
 
 def test_a_recipe_keeping_grad_weight_in_high_precision_runs_two_gemms_of_three_in_fp8() -> None:

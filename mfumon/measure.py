@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfumon.errors import ConfigTypeError
 from mfumon.flops import grouped_mm_flops, sdpa_backward_flops, sdpa_forward_flops
 
-__all__ = ["measure_flops"]
+__all__ = ["flop_counter", "measure_flops", "step_loss"]
 
 
 def measure_flops(
@@ -41,12 +41,12 @@ def measure_flops(
         raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
     grads = [(p, p.grad) for p in model.parameters()]
-    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    counter = flop_counter()
     try:
         model.train()
         with counter:
             output = _call(model, example_inputs)
-            _loss(output, loss_fn).backward()
+            step_loss(output, loss_fn).backward()
     finally:
         model.train(was_training)
         for p, grad in grads:
@@ -62,7 +62,13 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode (no display) that also counts CPU flash attention and ``_grouped_mm``."""
+    return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+
+
+def step_loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The scalar to backpropagate from a model's output: ``.loss``, else ``loss_fn``, else a sum."""
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss

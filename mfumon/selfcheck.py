@@ -1,0 +1,348 @@
+"""The self-check: one training step traced on fake tensors, counted by FlopCounterMode, set against
+the count read from the model's structure; a part the structure misses is named once, at setup.
+
+The trace runs the model's forward and backward on `FakeTensorMode` copies of its parameters and
+buffers (same shapes, dtypes, devices and ``requires_grad``) through ``torch.func.functional_call``:
+no kernel runs, no memory is allocated on the device, nothing is written to the parameters or
+their ``.grad``. One sequence of `seq_len` zero token ids is the input. FlopCounterMode counts the
+matmuls and attention kernels in full (every score, masked or not; no norms, biases, softmax or
+embedding lookups), which is the ``"palm"`` convention less its `other` component: that is what
+the structure's count is compared with. Where the two differ by more than `TOLERANCE`, one
+`MfumonWarning` names the modules that differ (forward FLOPs per module, which FlopCounterMode
+attributes exactly) and what to pass. A model that cannot be traced (data-dependent shapes such as
+MoE routing, custom kernels, sharded or offloaded parameters, an input that is not token ids) gets
+one info line on the ``mfumon`` logger; the check never raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mfumon._walk import has_head_attrs
+from mfumon.errors import MfumonWarning, log
+from mfumon.flops import flop_breakdown
+from mfumon.measure import flop_counter, step_loss
+
+__all__ = ["TOLERANCE", "SelfCheck", "self_check"]
+
+TOLERANCE = 0.02  # relative difference above which the structure's count is called out
+
+# Kernels of activation x activation products (attention scores and weighted sums); every other
+# counted op multiplies a weight.
+_ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product", "_flash_attention", "_efficient_attention")
+_QUIET = ("torch._subclasses.fake_tensor", "torch.utils.module_tracker")  # log a failed trace at ERROR
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """What the self-check found, per token of one training step (forward + backward)."""
+
+    traced: int | None  # FlopCounterMode's count; None when the model could not be traced
+    counted: int  # the structure's count in the same convention ("palm" less `other`)
+    message: str  # the warning, the reason it was skipped, or "" when they agree
+
+    @property
+    def agrees(self) -> bool:
+        """True when the trace ran and the counts differ by at most TOLERANCE."""
+        return self.traced is not None and not self.message
+
+
+def self_check(model: nn.Module, seq_len: int, *, recompute: Any = "none", warn: bool = True) -> SelfCheck:
+    """Trace one training step of `model` at `seq_len` on fake tensors and compare with the structure.
+
+    With `warn`, a difference above TOLERANCE is one `MfumonWarning` and an untraceable model one info
+    line on the ``mfumon`` logger. `recompute` is the monitor's recompute argument: a step that re-runs
+    checkpointed modules in its backward agrees with the count plus that recompute. Never raises.
+    """
+    try:
+        counted = flop_breakdown(model, seq_len, convention="palm", recompute="none")
+        expected = counted.total - counted.other
+    except Exception as exc:  # the monitor's own count already ran: this only fails on odd models
+        return _skipped(0, f"its structure could not be read ({type(exc).__name__}: {exc})", warn)
+    target, why = _traceable(model)
+    if target is None:
+        return _skipped(expected, why, warn)
+    try:
+        forward, backward = _trace(target, seq_len)
+    except Exception as exc:
+        return _skipped(expected, f"the trace failed ({type(exc).__name__}: {str(exc)[:200]})", warn)
+    traced = _per_token(_total(forward["Global"]) + backward, seq_len)
+    if _close(traced, expected) or _close(traced, expected + _recompute(model, seq_len, recompute)):
+        return SelfCheck(traced, expected, "")
+    message = _explain(target, forward, traced, expected, counted, seq_len)
+    if warn:
+        warnings.warn(message, MfumonWarning, stacklevel=4)  # self_check <- FlopModel <- Monitor <- caller
+    return SelfCheck(traced, expected, message)
+
+
+# --- the trace ----------------------------------------------------------------------------------
+
+
+def _traceable(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The module to trace (DDP and torch.compile wrappers taken off), or None and why not."""
+    target = model
+    for _ in range(4):  # DDP(compile(model)) and the like
+        inner = getattr(target, "_orig_mod", None)
+        if type(target).__name__ == "DistributedDataParallel":
+            inner = target.module
+        if not isinstance(inner, nn.Module):
+            break
+        target = inner
+    for m in target.modules():
+        name = type(m).__name__
+        if name.startswith(("FullyShardedDataParallel", "FSDP")) or hasattr(m, "_hf_hook"):
+            return None, f"its parameters are sharded or offloaded by a wrapper ({name})"
+    for p in target.parameters():
+        if hasattr(p, "ds_id") or type(p).__name__ == "DTensor":
+            return None, "its parameters are sharded (DeepSpeed ZeRO-3 or DTensor)"
+    if not _token_input(target):
+        return None, "its forward takes no token ids (input_ids, or one LongTensor)"
+    return target, ""
+
+
+def _token_input(model: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.name == "input_ids" for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return bool(positional) and len(required) <= 1 and positional[0].name != "pixel_values"
+
+
+def _trace(model: nn.Module, seq_len: int) -> tuple[dict[str, dict[str, int]], int]:
+    """Forward FLOPs per module (FlopCounterMode's names) and the backward's total, on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:  # one copy per tensor: tied weights stay tied
+        if id(t) not in fakes:
+            copy = fake_mode.from_tensor(t)
+            fakes[id(t)] = copy.requires_grad_(t.requires_grad) if copy.is_leaf else copy
+        return fakes[id(t)]
+
+    state = {name: fake(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    state.update({name: fake(b) for name, b in model.named_buffers(remove_duplicate=False)})
+    device = next((t.device for t in fakes.values()), torch.device("cpu"))
+    forward, backward = flop_counter(), flop_counter()
+    with _quiet(), _without_hooks(model), fake_mode:
+        ids = torch.zeros((1, seq_len), dtype=torch.long, device=device)
+        args, kwargs = _inputs(model, ids)
+        with forward:
+            output = torch.func.functional_call(model, state, args, kwargs)
+        loss = step_loss(output)
+        leaves = [t for t in fakes.values() if t.requires_grad]
+        if leaves and loss.requires_grad:
+            with backward:
+                torch.autograd.grad(loss, leaves, allow_unused=True)
+    flops = forward.get_flop_counts()
+    per_module = {name: {str(op): int(n) for op, n in ops.items()} for name, ops in flops.items()}
+    return per_module, int(backward.get_total_flops())
+
+
+def _inputs(model: nn.Module, ids: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    names = inspect.signature(model.forward).parameters
+    if "input_ids" not in names:
+        return (ids,), {}
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if "use_cache" in names:
+        kwargs["use_cache"] = False  # training: no KV cache
+    return (), kwargs
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+@contextmanager
+def _without_hooks(model: nn.Module) -> Iterator[None]:
+    """The model's own module hooks off for the trace, back on after it.
+
+    A hook may be a training callback (the HF callback builds its monitor from a forward pre-hook)
+    or one that moves weights; none may see the fake step. FlopCounterMode's are global hooks.
+    """
+    saved = [(m, name, m.__dict__[name]) for m in model.modules() for name in _HOOKS if m.__dict__.get(name)]
+    try:
+        for m, name, _ in saved:
+            m.__dict__[name] = OrderedDict()
+        yield
+    finally:
+        for m, name, hooks in saved:
+            m.__dict__[name] = hooks
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's own loggers (a failed fake kernel logs a traceback at ERROR) and torch.compile."""
+    with ExitStack() as stack:
+        for name in _QUIET:
+            logger = logging.getLogger(name)
+            stack.callback(setattr, logger, "disabled", logger.disabled)
+            logger.disabled = True
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is not None:  # compiled functions and modules run their eager code
+            stack.enter_context(set_stance("force_eager"))
+        yield
+
+
+def _recompute(model: nn.Module, seq_len: int, recompute: Any) -> int:
+    """Training FLOPs per token that activation checkpointing re-runs, in the trace's convention."""
+    if isinstance(recompute, str) and recompute == "none":
+        return 0
+    try:
+        return flop_breakdown(model, seq_len, convention="palm", recompute=recompute).recompute
+    except Exception:
+        return 0
+
+
+# --- the comparison -----------------------------------------------------------------------------
+
+
+def _skipped(counted: int, why: str, warn: bool) -> SelfCheck:
+    message = f"mfumon: self-check skipped: {why}; the FLOP count comes from the model's structure alone"
+    if warn:
+        log.info(message)
+    return SelfCheck(None, counted, message)
+
+
+def _close(traced: int, expected: int) -> bool:
+    return abs(traced - expected) <= TOLERANCE * max(expected, 1)
+
+
+def _total(ops: dict[str, int]) -> int:
+    return sum(ops.values())
+
+
+def _attention(ops: dict[str, int]) -> int:
+    return sum(n for op, n in ops.items() if any(k in op for k in _ATTENTION_OPS))
+
+
+def _per_token(flops: int, tokens: int) -> int:
+    return (2 * flops + tokens) // (2 * tokens)
+
+
+def _explain(
+    model: nn.Module,
+    forward: dict[str, dict[str, int]],
+    traced: int,
+    expected: int,
+    counted: Any,
+    seq_len: int,
+) -> str:
+    """The warning: how far off, which modules differ, and what to pass."""
+    pct = 100 * abs(expected - traced) / max(traced, 1)
+    lines = [
+        f"mfumon: the FLOP count read from the model's structure is {pct:.1f}% "
+        f"{'below' if expected < traced else 'above'} a traced training step (FlopCounterMode on fake "
+        f"tensors: {expected:,} against {traced:,} FLOPs per token, matmuls and attention scores only)."
+    ]
+    tree = _Tree(model, forward)
+    unseen = tree.unseen_attention()
+    counted_attention = counted.attn_scores * seq_len // 3  # the forward third of the training count
+    if unseen and _attention(forward["Global"]) > counted_attention * (1 + TOLERANCE):
+        paths = ", ".join(path for path, _ in unseen[:4]) + (" ..." if len(unseen) > 4 else "")
+        kinds = ", ".join(sorted({type(m).__name__ for _, m in unseen}))
+        lines.append(
+            f"Attention not counted: {paths} ({kinds}) run attention kernels but carry no head attributes. "
+            "Give them num_heads and head_dim attributes, or pass flops_per_token=mfumon.flops_per_token("
+            "model, seq_len, attention=[mfumon.AttentionShape(heads, head_dim, head_dim), ...]) with one "
+            "shape per attention layer."
+        )
+    for path, m, diff in tree.weight_culprits(seq_len):
+        where = f"{path} ({type(m).__name__})" if path else f"the model's own forward ({type(m).__name__})"
+        per_token = 3 * abs(diff) // seq_len
+        if diff > 0:
+            lines.append(
+                f"Matmuls not counted: {where} multiplies weights that none of its modules holds, "
+                f"{per_token:,} training FLOPs per token (e.g. F.linear(x, wte.weight) as the output head). "
+                "Pass flops_per_token= with them added."
+            )
+        else:
+            lines.append(
+                f"Counted but not run: {where} holds weights counted at {per_token:,} training FLOPs per "
+                "token that the step never multiplied (routed experts not recognised: "
+                "mfumon.register_moe(experts, top_k=...); or a module the step does not use). "
+                "Register the experts, or pass flops_per_token=."
+            )
+    if len(lines) == 1:
+        lines.append(
+            "Every module's forward matches; the backward differs (weights that need no gradient, or "
+            "recompute outside activation checkpointing). Pass flops_per_token= if the count is wrong."
+        )
+    lines.append("Turn this check off with self_check=False.")
+    return " ".join(lines)
+
+
+class _Tree:
+    """The trace's forward FLOPs per module (inclusive), against what the structure holds."""
+
+    def __init__(self, model: nn.Module, forward: dict[str, dict[str, int]]) -> None:
+        self.model = model
+        self.paths: dict[int, str] = {}
+        self.total: dict[int, int] = {}  # forward FLOPs inside each module, its submodules included
+        self.attention: dict[int, int] = {}  # of which attention kernels
+        root = type(model).__name__  # FlopCounterMode's ModuleTracker names modules Root.path.to.it
+        for path, m in reversed(list(model.named_modules())):  # children before parents
+            self.paths[id(m)] = path
+            ops = forward.get(f"{root}.{path}" if path else root)
+            if ops is None:  # never called itself (a ModuleList): the sum of its children
+                children = [id(c) for c in m.children()]
+                self.total[id(m)] = sum(self.total.get(c, 0) for c in children)
+                self.attention[id(m)] = sum(self.attention.get(c, 0) for c in children)
+            else:
+                self.total[id(m)], self.attention[id(m)] = _total(ops), _attention(ops)
+
+    def unseen_attention(self) -> list[tuple[str, nn.Module]]:
+        """Modules that ran attention kernels themselves, with no head attributes on them or around them."""
+        found = []
+        heads = [path for path, m in self.model.named_modules() if has_head_attrs(m)]
+        for path, m in self.model.named_modules():
+            own = self.attention[id(m)] - sum(self.attention[id(c)] for c in m.children())
+            if own > 0 and not any(_related(path, h) or _related(h, path) for h in heads):
+                found.append((path or "(root)", m))
+        return found
+
+    def weight_culprits(self, s: int) -> list[tuple[str, nn.Module, int]]:
+        """Deepest modules whose forward weight-matmul FLOPs differ from 2 x s x the matrices they hold."""
+        held: dict[int, int] = {}
+        for m in reversed(list(self.model.modules())):  # children first
+            own = 0
+            if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                own = sum(p.numel() for p in m.parameters(recurse=False) if p.ndim >= 2)
+            held[id(m)] = own + sum(held[id(c)] for c in m.children())
+
+        def diff(m: nn.Module) -> int:
+            return self.total[id(m)] - self.attention[id(m)] - 2 * s * held[id(m)]
+
+        threshold = TOLERANCE / 2 * max(2 * s * held[id(self.model)], 1)
+        out: list[tuple[str, nn.Module, int]] = []
+
+        def descend(m: nn.Module) -> None:
+            bad = [c for c in m.children() if abs(diff(c)) > threshold]
+            for child in bad:
+                descend(child)
+            rest = diff(m) - sum(diff(c) for c in bad)
+            if not bad or abs(rest) > threshold:
+                out.append((self.paths[id(m)], m, rest))
+
+        if abs(diff(self.model)) > threshold:
+            descend(self.model)
+        return out[:4]
+
+
+def _related(path: str, other: str) -> bool:
+    """`other` is `path` or one of its ancestors."""
+    return other == path or other == "" or path.startswith(other + ".")

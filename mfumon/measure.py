@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfumon.errors import ConfigTypeError
 from mfumon.flops import grouped_mm_flops, sdpa_backward_flops, sdpa_forward_flops
 
-__all__ = ["flop_counter", "measure_flops", "step_loss"]
+__all__ = ["flop_counter", "measure_flops"]
 
 
 def measure_flops(
@@ -46,7 +46,7 @@ def measure_flops(
         model.train()
         with counter:
             output = _call(model, example_inputs)
-            step_loss(output, loss_fn).backward()
+            _loss(output, loss_fn).backward()
     finally:
         model.train(was_training)
         for p, grad in grads:
@@ -67,8 +67,7 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
 
 
-def step_loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
-    """The scalar to backpropagate from a model's output: ``.loss``, else ``loss_fn``, else a sum."""
+def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss

@@ -20,7 +20,7 @@ import inspect
 import logging
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,7 @@ from torch import nn
 from mfumon._walk import has_head_attrs
 from mfumon.errors import MfumonWarning, log
 from mfumon.flops import flop_breakdown
-from mfumon.measure import flop_counter, step_loss
+from mfumon.measure import flop_counter
 
 __all__ = ["TOLERANCE", "SelfCheck", "self_check"]
 
@@ -62,7 +62,8 @@ def self_check(model: nn.Module, seq_len: int, *, recompute: Any = "none", warn:
 
     With `warn`, a difference above TOLERANCE is one `MfumonWarning` and an untraceable model one info
     line on the ``mfumon`` logger. `recompute` is the monitor's recompute argument: a step that re-runs
-    checkpointed modules in its backward agrees with the count plus that recompute. Never raises.
+    checkpointed modules in its backward agrees with the count plus up to that recompute (early stop
+    re-runs less; the monitor's probe refines it at the first step). Never raises.
     """
     try:
         counted = flop_breakdown(model, seq_len, convention="palm", recompute="none")
@@ -75,9 +76,15 @@ def self_check(model: nn.Module, seq_len: int, *, recompute: Any = "none", warn:
     try:
         forward, backward = _trace(target, seq_len)
     except Exception as exc:
-        return _skipped(expected, f"the trace failed ({type(exc).__name__}: {str(exc)[:200]})", warn)
+        why = f"the trace failed ({type(exc).__name__}: {str(exc)[:160]})"
+        return _skipped(
+            expected,
+            f"{why}: data-dependent shapes (MoE routing, values read in forward) or "
+            "kernels without a fake-tensor implementation cannot be traced",
+            warn,
+        )
     traced = _per_token(_total(forward["Global"]) + backward, seq_len)
-    if _close(traced, expected) or _close(traced, expected + _recompute(model, seq_len, recompute)):
+    if _close(traced, expected) or _within(traced, expected, _recompute(model, seq_len, recompute)):
         return SelfCheck(traced, expected, "")
     message = _explain(target, forward, traced, expected, counted, seq_len)
     if warn:
@@ -144,14 +151,26 @@ def _trace(model: nn.Module, seq_len: int) -> tuple[dict[str, dict[str, int]], i
         args, kwargs = _inputs(model, ids)
         with forward:
             output = torch.func.functional_call(model, state, args, kwargs)
-        loss = step_loss(output)
-        leaves = [t for t in fakes.values() if t.requires_grad]
-        if leaves and loss.requires_grad:
-            with backward:
-                torch.autograd.grad(loss, leaves, allow_unused=True)
+        loss = _loss(output)
+        if loss.requires_grad:
+            with backward:  # .grad lands on the fake copies (reentrant checkpointing refuses autograd.grad)
+                loss.backward()
     flops = forward.get_flop_counts()
     per_module = {name: {str(op): int(n) for op, n in ops.items()} for name, ops in flops.items()}
     return per_module, int(backward.get_total_flops())
+
+
+def _loss(output: Any) -> torch.Tensor:
+    """``output.loss``, else the sum of every floating-point tensor the model returned (all heads train)."""
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    values = list(output.values()) if isinstance(output, Mapping) else output
+    values = values if isinstance(values, (tuple, list)) else [values]
+    found = [t.sum() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not found:
+        raise TypeError(f"no floating-point tensor in the model's output ({type(output).__name__})")
+    return torch.stack(found).sum()
 
 
 def _inputs(model: nn.Module, ids: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -222,6 +241,11 @@ def _close(traced: int, expected: int) -> bool:
     return abs(traced - expected) <= TOLERANCE * max(expected, 1)
 
 
+def _within(traced: int, expected: int, recompute: int) -> bool:
+    """Checkpointing re-ran at most the structural recompute (early stop skips a region's tail)."""
+    return recompute > 0 and expected * (1 - TOLERANCE) <= traced <= (expected + recompute) * (1 + TOLERANCE)
+
+
 def _total(ops: dict[str, int]) -> int:
     return sum(ops.values())
 
@@ -273,14 +297,21 @@ def _explain(
         else:
             lines.append(
                 f"Counted but not run: {where} holds weights counted at {per_token:,} training FLOPs per "
-                "token that the step never multiplied (routed experts not recognised: "
-                "mfumon.register_moe(experts, top_k=...); or a module the step does not use). "
-                "Register the experts, or pass flops_per_token=."
+                "token more than the step multiplied (routed experts not recognised: "
+                "mfumon.register_moe(experts, top_k=...); a module the step does not use, or uses on "
+                "some tokens only, such as a pooler). Register the experts, or pass flops_per_token=."
             )
-    if len(lines) == 1:
+    if len(lines) == 1 and 3 * _total(forward["Global"]) > traced * seq_len:  # backward < 2 x forward
         lines.append(
-            "Every module's forward matches; the backward differs (weights that need no gradient, or "
-            "recompute outside activation checkpointing). Pass flops_per_token= if the count is wrong."
+            "The forward matches module by module; the backward runs less than twice the forward: "
+            "weights that need no gradient (frozen, LoRA) cost less than counted. Pass flops_per_token= "
+            "with the count you trust."
+        )
+    elif len(lines) == 1:
+        lines.append(
+            "The forward matches module by module; the backward re-runs forward work the count does not "
+            "know of (activation checkpointing): that is recompute, for HFU only; pass recompute= "
+            "(docs/hfu.md). MFU is unaffected."
         )
     lines.append("Turn this check off with self_check=False.")
     return " ".join(lines)

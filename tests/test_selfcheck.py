@@ -128,6 +128,16 @@ def test_fixing_the_model_silences_the_warning() -> None:
     assert "Attention not counted" not in result.message and "the model's own forward" in result.message
 
 
+def test_weights_the_step_never_multiplies_are_named() -> None:
+    model = BareDecoder()
+    for block in model.blocks:
+        block.attn.num_heads, block.attn.head_dim = H, D // H
+    model.spare = nn.Linear(D, 8 * D, bias=False)  # held, counted, never called
+    result = self_check(model, S, warn=False)
+    assert "Counted but not run: spare (Linear)" in result.message
+    assert f"{6 * 8 * D * D:,} training FLOPs per token more than the step multiplied" in result.message
+
+
 def test_turned_off_there_is_no_trace_and_no_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -168,6 +178,23 @@ def test_tiny_hf_models_agree_and_stay_silent(model_type: str, attn: str) -> Non
     assert result.traced == _real_step_per_token(model, {"input_ids": token_batch(1, S)})
     palm = flop_breakdown(model, S, convention="palm")
     assert result.counted == palm.total - palm.other and result.agrees
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_agrees_with_the_count_plus_recompute(reentrant: bool) -> None:
+    pytest.importorskip("transformers")
+    model = hf_model("llama", attn="sdpa").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": reentrant})  # its name on transformers 5.2x, the old one on 4.57
+    result = self_check(model, S, recompute="auto", warn=False)
+    palm = flop_breakdown(model, S, convention="palm", recompute="auto")
+    # The backward re-runs each decoder layer's forward: the trace exceeds the model FLOPs by at
+    # most palm.recompute (non-reentrant checkpointing stops early, before a layer's last matmuls).
+    assert result.counted < result.traced <= result.counted + palm.recompute
+    assert result.agrees
+    told_none = self_check(model, S, recompute="none", warn=False)
+    assert not told_none.agrees and "HFU only" in told_none.message
 
 
 def test_nothing_is_written_to_the_model() -> None:

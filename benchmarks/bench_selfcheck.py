@@ -6,7 +6,9 @@
 The self-check traces one training step (forward + backward) on fake tensors under FlopCounterMode
 and compares it with the structural count; it runs once per Monitor, at construction. Its cost
 should not depend on seq_len (fake tensors carry shapes, not data). Printed beside it: the
-structural count the monitor makes anyway (`flop_breakdown`), for the ratio.
+structural count the monitor makes anyway (`flop_breakdown`), for the ratio. On a machine with a
+GPU it first checks that a small Llama on the GPU (bf16, SDPA) is traced with no device memory
+allocated and that the trace equals FlopCounterMode on a real step there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import torch
 
 from mfumon.flops import flop_breakdown
+from mfumon.measure import measure_flops
 from mfumon.selfcheck import self_check
 
 LLAMA_3_8B = dict(  # meta-llama/Meta-Llama-3-8B config.json (the parts that shape the FLOPs)
@@ -33,6 +36,31 @@ LLAMA_3_8B = dict(  # meta-llama/Meta-Llama-3-8B config.json (the parts that sha
     rope_theta=500000.0,
     tie_word_embeddings=False,
 )
+
+
+def cuda_check(seq_len: int = 2048) -> None:
+    """A small Llama on the GPU: the self-check allocates nothing there and equals a real step."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = dict(
+        LLAMA_3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4
+    )
+    config = AutoConfig.for_model("llama", **dict(small, num_key_value_heads=2))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to("cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    allocated, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    start = time.perf_counter()
+    result = self_check(model, seq_len, warn=False)
+    check_s = time.perf_counter() - start
+    torch.cuda.synchronize()
+    untouched = torch.cuda.memory_allocated() == allocated and torch.cuda.max_memory_allocated() == peak
+    ids = torch.zeros((1, seq_len), dtype=torch.long, device="cuda")
+    real = measure_flops(model, {"input_ids": ids}) // seq_len
+    print(
+        f"{torch.cuda.get_device_name()}: small Llama bf16 at {seq_len}: self-check {check_s:.2f} s, "
+        f"device memory untouched: {untouched}, traced {result.traced:,} == real step {real:,}: "
+        f"{result.traced == real}, agrees: {result.agrees}"
+    )
 
 
 def main(seq_lens: list[int], repeats: int) -> None:
@@ -73,4 +101,6 @@ if __name__ == "__main__":
     parser.add_argument("--seq-len", type=int, action="append", help="default: 2048 and 8192")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if torch.cuda.is_available():
+        cuda_check()
     main(args.seq_len or [2048, 8192], args.repeats)

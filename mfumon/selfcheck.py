@@ -130,7 +130,10 @@ def _token_input(model: nn.Module) -> bool:
 
 
 def _trace(model: nn.Module, seq_len: int) -> tuple[dict[str, dict[str, int]], int]:
-    """Forward FLOPs per module (FlopCounterMode's names) and the backward's total, on fake tensors."""
+    """Forward FLOPs per module (FlopCounterMode's names) and the backward's total, on fake tensors.
+
+    Gradients are on for the trace, also when the monitor is built under ``torch.no_grad()``.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -146,7 +149,7 @@ def _trace(model: nn.Module, seq_len: int) -> tuple[dict[str, dict[str, int]], i
     state.update({name: fake(b) for name, b in model.named_buffers(remove_duplicate=False)})
     device = next((t.device for t in fakes.values()), torch.device("cpu"))
     forward, backward = flop_counter(), flop_counter()
-    with _quiet(), _without_hooks(model), fake_mode:
+    with _quiet(), _without_hooks(model), torch.inference_mode(False), torch.enable_grad(), fake_mode:
         ids = torch.zeros((1, seq_len), dtype=torch.long, device=device)
         args, kwargs = _inputs(model, ids)
         with forward:
@@ -170,7 +173,7 @@ def _loss(output: Any) -> torch.Tensor:
     found = [t.sum() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not found:
         raise TypeError(f"no floating-point tensor in the model's output ({type(output).__name__})")
-    return torch.stack(found).sum()
+    return sum(found[1:], found[0])
 
 
 def _inputs(model: nn.Module, ids: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -218,6 +218,13 @@ def test_the_models_hooks_do_not_see_the_trace() -> None:
     assert seen == ["model", "attn"]  # still registered
 
 
+def test_a_monitor_built_under_no_grad_still_traces_the_backward() -> None:
+    model = BareDecoder()
+    with torch.no_grad():
+        result = self_check(model, S, warn=False)
+    assert result.traced == self_check(model, S, warn=False).traced
+
+
 def test_a_meta_model_is_traced() -> None:
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM

@@ -63,7 +63,8 @@ def self_check(model: nn.Module, seq_len: int, *, recompute: Any = "none", warn:
     With `warn`, a difference above TOLERANCE is one `MfumonWarning` and an untraceable model one info
     line on the ``mfumon`` logger. `recompute` is the monitor's recompute argument: a step that re-runs
     checkpointed modules in its backward agrees with the count plus up to that recompute (early stop
-    re-runs less; the monitor's probe refines it at the first step). Never raises.
+    re-runs less; the monitor's probe refines it at the first step). Never raises, unless a warnings
+    filter turns the warning into an error (as for every setup warning).
     """
     try:
         counted = flop_breakdown(model, seq_len, convention="palm", recompute="none")

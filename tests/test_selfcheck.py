@@ -225,8 +225,11 @@ def test_a_monitor_built_under_no_grad_still_traces_the_backward() -> None:
     assert result.traced == self_check(model, S, warn=False).traced
 
 
+@pytest.mark.transformers
 def test_a_meta_model_is_traced() -> None:
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.57's Llama on meta fails under fake tensors (an info line, tested below)")
     from transformers import AutoModelForCausalLM
 
     from tests.tiny_models import hf_config

@@ -1,17 +1,13 @@
 """The self-check: one training step traced on fake tensors, counted by FlopCounterMode, set against
 the count read from the model's structure; a part the structure misses is named once, at setup.
 
-The trace runs the model's forward and backward on `FakeTensorMode` copies of its parameters and
-buffers (same shapes, dtypes, devices and ``requires_grad``) through ``torch.func.functional_call``:
-no kernel runs, no memory is allocated on the device, nothing is written to the parameters or
-their ``.grad``. One sequence of `seq_len` zero token ids is the input. FlopCounterMode counts the
-matmuls and attention kernels in full (every score, masked or not; no norms, biases, softmax or
-embedding lookups), which is the ``"palm"`` convention less its `other` component: that is what
-the structure's count is compared with. Where the two differ by more than `TOLERANCE`, one
-`MfumonWarning` names the modules that differ (forward FLOPs per module, which FlopCounterMode
-attributes exactly) and what to pass. A model that cannot be traced (data-dependent shapes such as
-MoE routing, custom kernels, sharded or offloaded parameters, an input that is not token ids) gets
-one info line on the ``mfumon`` logger; the check never raises.
+The trace runs forward and backward on `FakeTensorMode` copies of the parameters and buffers (same
+shapes, dtypes, devices, ``requires_grad``) through ``torch.func.functional_call``, one sequence of
+`seq_len` token ids: no kernel runs, nothing is written to the parameters or their ``.grad``. Its
+count (matmuls and attention kernels, every score) is the ``"palm"`` convention less `other`. Above
+`TOLERANCE` one `MfumonWarning` names the modules that differ (from the forward FLOPs per module,
+which FlopCounterMode attributes exactly) and what to pass; a model that cannot be traced gets one
+info line on the ``mfumon`` logger. See docs/accounting.md, "The self-check at setup".
 """
 
 from __future__ import annotations
@@ -40,6 +36,17 @@ TOLERANCE = 0.02  # relative difference above which the structure's count is cal
 # Kernels of activation x activation products (attention scores and weighted sums); every other
 # counted op multiplies a weight.
 _ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product", "_flash_attention", "_efficient_attention")
+_UNTRACEABLE = "MoE routing, values read in forward and custom kernels cannot be traced on fake tensors"
+_MORE = (
+    "Matmuls not counted, training FLOPs per token beyond the weights each module holds (weights held "
+    "elsewhere, e.g. F.linear(x, wte.weight) as the output head, or a module called twice per token): {}. "
+    "Pass flops_per_token= with them added."
+)
+_LESS = (
+    "Counted but not run, training FLOPs per token counted for weights the step did not multiply (routed "
+    "experts not recognised: mfumon.register_moe(experts, top_k=...); a module the step does not use, or "
+    "uses on some tokens only, such as a pooler): {}. Register the experts, or pass flops_per_token=."
+)
 _QUIET = ("torch._subclasses.fake_tensor", "torch.utils.module_tracker")  # log a failed trace at ERROR
 
 
@@ -77,15 +84,10 @@ def self_check(model: nn.Module, seq_len: int, *, recompute: Any = "none", warn:
     try:
         forward, backward = _trace(target, seq_len)
     except Exception as exc:
-        why = f"the trace failed ({type(exc).__name__}: {str(exc)[:160]})"
-        return _skipped(
-            expected,
-            f"{why}: data-dependent shapes (MoE routing, values read in forward) or "
-            "kernels without a fake-tensor implementation cannot be traced",
-            warn,
-        )
-    traced = _per_token(_total(forward["Global"]) + backward, seq_len)
-    if _close(traced, expected) or _within(traced, expected, _recompute(model, seq_len, recompute)):
+        why = f"the trace failed ({type(exc).__name__}: {str(exc)[:160]}): {_UNTRACEABLE}"
+        return _skipped(expected, why, warn)
+    traced = (2 * (_total(forward["Global"]) + backward) + seq_len) // (2 * seq_len)  # rounded half up
+    if _agrees(traced, expected, 0) or _agrees(traced, expected, _recompute(model, seq_len, recompute)):
         return SelfCheck(traced, expected, "")
     message = _explain(target, forward, traced, expected, counted, seq_len)
     if warn:
@@ -192,11 +194,7 @@ _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backw
 
 @contextmanager
 def _without_hooks(model: nn.Module) -> Iterator[None]:
-    """The model's own module hooks off for the trace, back on after it.
-
-    A hook may be a training callback (the HF callback builds its monitor from a forward pre-hook)
-    or one that moves weights; none may see the fake step. FlopCounterMode's are global hooks.
-    """
+    """The model's own module hooks off for the trace (the HF callback builds its monitor in one)."""
     saved = [(m, name, m.__dict__[name]) for m in model.modules() for name in _HOOKS if m.__dict__.get(name)]
     try:
         for m, name, _ in saved:
@@ -241,13 +239,9 @@ def _skipped(counted: int, why: str, warn: bool) -> SelfCheck:
     return SelfCheck(None, counted, message)
 
 
-def _close(traced: int, expected: int) -> bool:
-    return abs(traced - expected) <= TOLERANCE * max(expected, 1)
-
-
-def _within(traced: int, expected: int, recompute: int) -> bool:
-    """Checkpointing re-ran at most the structural recompute (early stop skips a region's tail)."""
-    return recompute > 0 and expected * (1 - TOLERANCE) <= traced <= (expected + recompute) * (1 + TOLERANCE)
+def _agrees(traced: int, expected: int, recompute: int) -> bool:
+    """From the count to the count plus what checkpointing re-runs (early stop re-runs less), ±2%."""
+    return expected * (1 - TOLERANCE) <= traced <= (expected + recompute) * (1 + TOLERANCE)
 
 
 def _total(ops: dict[str, int]) -> int:
@@ -256,10 +250,6 @@ def _total(ops: dict[str, int]) -> int:
 
 def _attention(ops: dict[str, int]) -> int:
     return sum(n for op, n in ops.items() if any(k in op for k in _ATTENTION_OPS))
-
-
-def _per_token(flops: int, tokens: int) -> int:
-    return (2 * flops + tokens) // (2 * tokens)
 
 
 def _explain(
@@ -278,34 +268,41 @@ def _explain(
         f"tensors: {expected:,} against {traced:,} FLOPs per token, matmuls and attention scores only)."
     ]
     tree = _Tree(model, forward)
-    unseen = tree.unseen_attention()
+    fwd_attention = _attention(forward["Global"])
     counted_attention = counted.attn_scores * seq_len // 3  # the forward third of the training count
-    if unseen and _attention(forward["Global"]) > counted_attention * (1 + TOLERANCE):
-        paths = ", ".join(path for path, _ in unseen[:4]) + (" ..." if len(unseen) > 4 else "")
-        kinds = ", ".join(sorted({type(m).__name__ for _, m in unseen}))
+    margin = TOLERANCE / 2 * expected * seq_len / 3  # of the step's forward
+    unseen = tree.unseen_attention() if abs(fwd_attention - counted_attention) > margin else []
+    if unseen and fwd_attention > counted_attention:
+        paths, kinds = _names(unseen)
         lines.append(
             f"Attention not counted: {paths} ({kinds}) run attention kernels but carry no head attributes. "
             "Give them num_heads and head_dim attributes, or pass flops_per_token=mfumon.flops_per_token("
             "model, seq_len, attention=[mfumon.AttentionShape(heads, head_dim, head_dim), ...]) with one "
             "shape per attention layer."
         )
-    for path, m, diff in tree.weight_culprits(seq_len):
-        where = f"{path} ({type(m).__name__})" if path else f"the model's own forward ({type(m).__name__})"
-        per_token = 3 * abs(diff) // seq_len
-        if diff > 0:
-            lines.append(
-                f"Matmuls not counted: {where} multiplies weights that none of its modules holds, "
-                f"{per_token:,} training FLOPs per token (e.g. F.linear(x, wte.weight) as the output head). "
-                "Pass flops_per_token= with them added."
-            )
-        else:
-            lines.append(
-                f"Counted but not run: {where} holds weights counted at {per_token:,} training FLOPs per "
-                "token more than the step multiplied (routed experts not recognised: "
-                "mfumon.register_moe(experts, top_k=...); a module the step does not use, or uses on "
-                "some tokens only, such as a pooler). Register the experts, or pass flops_per_token=."
-            )
-    if len(lines) == 1 and 3 * _total(forward["Global"]) > traced * seq_len:  # backward < 2 x forward
+    elif abs(fwd_attention - counted_attention) > margin:
+        paths, kinds = _names(tree.attention_modules())
+        lines.append(
+            f"Attention differs: attention kernels and batched matmuls come to "
+            f"{3 * fwd_attention // seq_len:,} training FLOPs per token in the trace, against "
+            f"{counted.attn_scores:,} counted for attention "
+            f"scores; they run in {paths} ({kinds}). A layer that is no softmax attention (a state-space "
+            "scan, linear attention) or heads read wrong: pass flops_per_token= with the count you trust."
+        )
+    culprits = sorted(tree.weight_culprits(seq_len), key=lambda c: -abs(c[2]))
+    for sign, text in ((1, _MORE), (-1, _LESS)):
+        found = [
+            f"{path or 'own forward'} ({type(m).__name__}) {3 * abs(d) // seq_len:,}"
+            for path, m, d in culprits
+            if d * sign > 0
+        ]
+        if found:
+            lines.append(text.format("; ".join(found[:4]) + ("; ..." if len(found) > 4 else "")))
+    if len(lines) == 1 and abs(3 * _total(forward["Global"]) - expected * seq_len) > 3 * margin:
+        lines.append(
+            "The forward differs in a way no module accounts for. Pass flops_per_token= if it is wrong."
+        )
+    elif len(lines) == 1 and 3 * _total(forward["Global"]) > traced * seq_len:  # backward < 2 x forward
         lines.append(
             "The forward matches module by module; the backward runs less than twice the forward: "
             "weights that need no gradient (frozen, LoRA) cost less than counted. Pass flops_per_token= "
@@ -313,9 +310,9 @@ def _explain(
         )
     elif len(lines) == 1:
         lines.append(
-            "The forward matches module by module; the backward re-runs forward work the count does not "
-            "know of (activation checkpointing): that is recompute, for HFU only; pass recompute= "
-            "(docs/hfu.md). MFU is unaffected."
+            "The forward matches module by module; the backward runs more than twice the forward: "
+            "recompute from activation checkpointing the count was not told of (pass recompute=, HFU "
+            "only: MFU is unaffected), or kernels whose backward costs more than twice their forward."
         )
     lines.append("Turn this check off with self_check=False.")
     return " ".join(lines)
@@ -340,15 +337,22 @@ class _Tree:
             else:
                 self.total[id(m)], self.attention[id(m)] = _total(ops), _attention(ops)
 
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        """Modules that ran attention kernels or batched matmuls themselves, the busiest first."""
+        own = [
+            (self.attention[id(m)] - sum(self.attention[id(c)] for c in m.children()), path, m)
+            for path, m in self.model.named_modules()
+        ]
+        return [(path, m) for flops, path, m in sorted(own, key=lambda x: -x[0]) if flops > 0]
+
     def unseen_attention(self) -> list[tuple[str, nn.Module]]:
-        """Modules that ran attention kernels themselves, with no head attributes on them or around them."""
-        found = []
+        """Those with no head attributes on them, above them or below them."""
         heads = [path for path, m in self.model.named_modules() if has_head_attrs(m)]
-        for path, m in self.model.named_modules():
-            own = self.attention[id(m)] - sum(self.attention[id(c)] for c in m.children())
-            if own > 0 and not any(_related(path, h) or _related(h, path) for h in heads):
-                found.append((path or "(root)", m))
-        return found
+        return [
+            (path, m)
+            for path, m in self.attention_modules()
+            if not any(_related(path, h) or _related(h, path) for h in heads)
+        ]
 
     def weight_culprits(self, s: int) -> list[tuple[str, nn.Module, int]]:
         """Deepest modules whose forward weight-matmul FLOPs differ from 2 x s x the matrices they hold."""
@@ -375,7 +379,13 @@ class _Tree:
 
         if abs(diff(self.model)) > threshold:
             descend(self.model)
-        return out[:4]
+        return out
+
+
+def _names(found: list[tuple[str, nn.Module]]) -> tuple[str, str]:
+    """The first four paths, and the classes of all, for a message."""
+    paths = ", ".join(path or "(root)" for path, _ in found[:4]) + (" ..." if len(found) > 4 else "")
+    return paths, ", ".join(sorted({type(m).__name__ for _, m in found}))
 
 
 def _related(path: str, other: str) -> bool:

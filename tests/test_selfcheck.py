@@ -111,7 +111,7 @@ def test_hand_written_decoder_warns_naming_what_is_missing() -> None:
     message = str(caught[0].message)
     assert "blocks.0.attn, blocks.1.attn (BareAttention)" in message  # the attention layers it missed
     assert "num_heads and head_dim" in message and "attention=" in message  # and the fix
-    assert f"{6 * VOCAB * D:,} training FLOPs per token" in message  # the head: 6 x V x D
+    assert f"own forward (BareDecoder) {6 * VOCAB * D:,}." in message  # the head: 6 x V x D per token
     assert "F.linear(x, wte.weight)" in message and "flops_per_token=" in message
     assert "self_check=False" in message
     assert caught[0].filename == __file__  # points at the line that built the monitor
@@ -125,7 +125,35 @@ def test_fixing_the_model_silences_the_warning() -> None:
     missing_head = 6 * VOCAB * D
     result = self_check(model, S, warn=False)
     assert result.traced - result.counted == missing_head  # only the F.linear head is left
-    assert "Attention not counted" not in result.message and "the model's own forward" in result.message
+    assert "Attention not counted" not in result.message and "own forward (BareDecoder)" in result.message
+
+
+class TwicePerLayer(BareAttention):
+    """Head attributes the structure reads, but the scores are computed twice (e.g. a second pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = H, D // H
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(super().forward(x))
+
+
+def test_attention_that_differs_from_its_heads_is_named() -> None:
+    model = BareDecoder()
+    for block in model.blocks:
+        block.attn = TwicePerLayer()
+    result = self_check(model, S, warn=False)
+    scores = L * 6 * S * D * 2  # every score of each layer, once: what the structure counts
+    assert result.traced - result.counted == 6 * VOCAB * D + 6 * L * 4 * D * D + scores  # head, 2nd pass
+    assert (
+        f"Attention differs: attention kernels and batched matmuls come to {2 * scores:,}" in result.message
+    )
+    assert (
+        f"against {scores:,} counted" in result.message and "blocks.0.attn, blocks.1.attn" in result.message
+    )
+    qkv = f"(Linear) {6 * 3 * D * D:,}"  # the second pass's projections, largest first, then the head
+    assert f"blocks.0.attn.qkv {qkv}; blocks.1.attn.qkv {qkv}; own forward (BareDecoder)" in result.message
 
 
 def test_weights_the_step_never_multiplies_are_named() -> None:
@@ -134,8 +162,7 @@ def test_weights_the_step_never_multiplies_are_named() -> None:
         block.attn.num_heads, block.attn.head_dim = H, D // H
     model.spare = nn.Linear(D, 8 * D, bias=False)  # held, counted, never called
     result = self_check(model, S, warn=False)
-    assert "Counted but not run: spare (Linear)" in result.message
-    assert f"{6 * 8 * D * D:,} training FLOPs per token more than the step multiplied" in result.message
+    assert "did not multiply" in result.message and f"spare (Linear) {6 * 8 * D * D:,}." in result.message
 
 
 def test_turned_off_there_is_no_trace_and_no_warning() -> None:

@@ -266,6 +266,7 @@ def test_a_meta_model_is_traced() -> None:
     assert self_check(model, S, warn=False).agrees
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports (torch.jit), not ours
 def test_a_compiled_model_is_traced_through_its_eager_code() -> None:
     result = self_check(torch.compile(BareDecoder()), S, warn=False)
     assert result.traced == self_check(BareDecoder(), S, warn=False).traced

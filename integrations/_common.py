@@ -63,6 +63,7 @@ class CallbackOptions:
     measure_ceiling: bool = False
     recompute: Any = "auto"  # activation-checkpointing recompute for HFU, as for mfumon.Monitor
     step_shapes: bool = True  # each batch's own documents or sequence length set its attention FLOPs
+    self_check: bool = True  # trace one step on fake tensors at setup, as for mfumon.Monitor
 
     def __post_init__(self) -> None:
         for name, what in (
@@ -282,6 +283,7 @@ class CallbackCore:
             measure_ceiling=opts.measure_ceiling,
             recompute=opts.recompute,
             initial_step=initial_step,
+            self_check=opts.self_check,
         )
 
     # -- per step ------------------------------------------------------------------------------

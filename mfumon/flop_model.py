@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfumon import selfcheck
 from mfumon._grads import GradProbe
 from mfumon.errors import ConfigError, FaultLog, check_int, log
 from mfumon.flops import FlopBreakdown, flop_breakdown
@@ -40,6 +41,7 @@ class FlopModel:
         doc_lengths: Iterable[int] | torch.Tensor | None,
         recompute: Any,
         faults: FaultLog,
+        self_check: bool = True,
     ) -> None:
         if model is not None and next(iter(model.parameters()), None) is None and flops_per_token is None:
             raise ConfigError("model has no parameters: pass the model you train, or flops_per_token=")
@@ -72,6 +74,8 @@ class FlopModel:
         self.hw_flops_per_token = self.breakdown.hardware
         self._watch = auto and bool(self.breakdown.recompute)
         self._watch_grads = any(not p.requires_grad for p in model.parameters())
+        if self_check:  # one step traced on fake tensors: warns once if the structure misses a part
+            selfcheck.self_check(model, self.seq_len, recompute=recompute)
 
     def watch_first_step(self) -> None:
         """Hook the checkpointed regions to see what the first step re-runs (call last at setup)."""

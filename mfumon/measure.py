@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfumon.errors import ConfigTypeError
 from mfumon.flops import grouped_mm_flops, sdpa_backward_flops, sdpa_forward_flops
 
-__all__ = ["measure_flops"]
+__all__ = ["flop_counter", "measure_flops"]
 
 
 def measure_flops(
@@ -41,7 +41,7 @@ def measure_flops(
         raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
     grads = [(p, p.grad) for p in model.parameters()]
-    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    counter = flop_counter()
     try:
         model.train()
         with counter:
@@ -60,6 +60,11 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode (no display) that also counts CPU flash attention and ``_grouped_mm``."""
+    return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
 
 
 def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:

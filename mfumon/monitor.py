@@ -61,6 +61,7 @@ class Monitor:
         device: device whose clock and peak are used (default: the model's).
         measure_ceiling: also time a large GEMM at start and log `mfumon/mfu_measured` against it.
         initial_step: optimizer steps done before (a resumed run): its steps count on from there.
+        self_check: trace one step on fake tensors at setup; warn if the count misses a part.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class Monitor:
         device: torch.device | str | None = None,
         measure_ceiling: bool = False,
         initial_step: int = 0,
+        self_check: bool = True,
     ) -> None:
         self._log_every = check_int("log_every", log_every, "optimizer steps per log")
         self._warmup = check_int("warmup", warmup, "steps excluded from averages", minimum=0)
@@ -101,6 +103,7 @@ class Monitor:
             doc_lengths=doc_lengths,
             recompute=recompute,
             faults=self._faults,
+            self_check=self_check,
         )
         self.device = _device(device, model)
         self._peak_tflops = peak_tflops

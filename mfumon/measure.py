@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.flop_counter as flop_counter_module
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,7 +64,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode (no display) that also counts CPU flash attention and ``_grouped_mm``."""
+    """A FlopCounterMode (no display) that also counts CPU flash attention, `_grouped_mm`, GQA kernels."""
     return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
 
 
@@ -99,12 +100,31 @@ def _extra_formulas() -> dict[Any, Any]:
     def grouped_mm(a: Any, b: Any, *_args: Any, **_kwargs: Any) -> int:
         return grouped_mm_flops(a, b)  # its backward runs _grouped_mm again, counted the same way
 
-    for name, formula in (
+    formulas: list[tuple[str, Any]] = [
         ("_scaled_dot_product_flash_attention_for_cpu", attention),
         ("_scaled_dot_product_flash_attention_for_cpu_backward", attention_backward),
         ("_grouped_mm", grouped_mm),
-    ):
+    ]
+    forward = getattr(flop_counter_module, "sdpa_flop_count", None)
+    backward = getattr(flop_counter_module, "sdpa_backward_flop_count", None)
+    if forward is not None and backward is not None:  # GQA on GPU kernels: torch < 2.13 wants equal heads
+
+        def gpu_attention(q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
+            return forward(q, _as_query_heads(q, k), _as_query_heads(q, v))
+
+        def gpu_attention_backward(grad_out: Any, q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
+            return backward(grad_out, q, _as_query_heads(q, k), _as_query_heads(q, v))
+
+        for kernel in ("efficient", "flash", "cudnn"):
+            formulas.append((f"_scaled_dot_product_{kernel}_attention", gpu_attention))
+            formulas.append((f"_scaled_dot_product_{kernel}_attention_backward", gpu_attention_backward))
+    for name, formula in formulas:
         op = getattr(aten, name, None)
         if op is not None:
             found[op] = formula
     return found
+
+
+def _as_query_heads(q_shape: Any, kv_shape: Any) -> tuple[int, ...]:
+    """K or V's shape with as many heads as Q: a GQA kernel broadcasts them, the FLOPs are per query head."""
+    return (kv_shape[0], q_shape[1], *kv_shape[2:])

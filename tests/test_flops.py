@@ -217,3 +217,23 @@ def test_measure_flops_leaves_the_model_as_it_was() -> None:
     measure_flops(model, token_batch(1, S))
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn"])
+def test_flop_counter_counts_gpu_attention_kernels_under_gqa(kernel: str) -> None:
+    # The GPU kernels get K and V with fewer heads than Q under GQA (enable_gqa); torch < 2.13's own
+    # formula refused those shapes, so measure_flops (and the self-check) failed on Llama-3 on a GPU.
+    # The formula runs here on the counter's shapes, as FlopCounterMode calls it: no GPU needed.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mfumon.measure import flop_counter
+
+    registry = flop_counter().flop_registry
+    op = getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention")
+    q, kv = torch.empty(1, 4, 8, 16, device="meta"), torch.empty(1, 2, 8, 16, device="meta")
+    # Q@K^T and A@V, each 2 x b x heads x s_q x s_k x d, with the 4 query heads: 2 x 8192
+    assert registry[op](q, kv, kv, out_val=None) == 2 * (2 * 1 * 4 * 8 * 8 * 16)
+    same_heads = torch.empty(1, 4, 8, 16, device="meta")
+    assert registry[op](q, kv, kv, out_val=None) == FlopCounterMode().flop_registry[op](
+        q, same_heads, same_heads, out_val=None
+    )

@@ -63,9 +63,25 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode (no display) that also counts CPU flash attention, `_grouped_mm`, GQA kernels."""
-    return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+def flop_counter(*, model_flops: bool = False) -> FlopCounterMode:
+    """A FlopCounterMode (no display) that also counts CPU flash attention, `_grouped_mm`, GQA kernels.
+
+    `model_flops`: count every attention backward kernel at 2 x its forward (dQ, dK, dV, dScores), the
+    model-FLOPs convention mfumon counts with, instead of torch's count for the GPU kernels, which adds
+    the scores they recompute (2.5 x forward).
+    """
+    formulas = _extra_formulas()
+    if model_flops:
+        aten = torch.ops.aten
+        for kernel in ("efficient", "flash", "cudnn"):
+            op = getattr(aten, f"_scaled_dot_product_{kernel}_attention_backward", None)
+            if op is not None:
+                formulas[op] = _model_attention_backward
+    return FlopCounterMode(display=False, custom_mapping=formulas)
+
+
+def _model_attention_backward(grad_out: Any, q: Any, k: Any, v: Any, *_args: Any, **_kwargs: Any) -> int:
+    return sdpa_backward_flops(q, k, v)  # 2 x forward, per query head (GQA's K/V heads do not matter)
 
 
 def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:

@@ -151,7 +151,7 @@ def _trace(model: nn.Module, seq_len: int) -> tuple[dict[str, dict[str, int]], i
     state = {name: fake(p) for name, p in model.named_parameters(remove_duplicate=False)}
     state.update({name: fake(b) for name, b in model.named_buffers(remove_duplicate=False)})
     device = next((t.device for t in fakes.values()), torch.device("cpu"))
-    forward, backward = flop_counter(), flop_counter()
+    forward, backward = flop_counter(), flop_counter(model_flops=True)  # GPU kernels: no recomputed scores
     with _quiet(), _without_hooks(model), torch.inference_mode(False), torch.enable_grad(), fake_mode:
         ids = torch.zeros((1, seq_len), dtype=torch.long, device=device)
         args, kwargs = _inputs(model, ids)

@@ -8,6 +8,7 @@ whole-run total for `mfu_avg` and the summary.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from mfumon import metrics as K
@@ -191,6 +192,8 @@ class Windows:
         }
         if self.measured_peak_flops is not None:
             info["measured_peak_tflops"] = self.measured_peak_flops / 1e12
+        if self.flops.breakdown is not None:  # training FLOPs per token by component (docs/accounting.md)
+            info["flops_by_component"] = dataclasses.asdict(self.flops.breakdown)
         try:
             counts = self.flops.params()
             if counts is not None:

@@ -14,7 +14,10 @@ __all__ = ["JsonlLogger"]
 
 
 class JsonlLogger(Logger):
-    """Appends `{"step", "time", "peak_dtype", <metric keys>}` per log to `path`.
+    """Appends `{"step", "time", "peak_dtype", "device", <metric keys>}` per log to `path`.
+
+    The first line also carries `"run"`: the run's facts (device, peak, FLOPs per token and by
+    component, parameter counts, warm-up, ...), so `mfumon plot/report/compare` need only the file.
 
     The whole-run summary goes to `<path stem>.summary.json` beside it at close. Every line is
     flushed when written, so a run that crashes keeps all lines written before the crash.
@@ -25,14 +28,18 @@ class JsonlLogger(Logger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._extra: dict[str, Any] = {}
+        self._run: dict[str, Any] | None = None  # run facts, written once with the first line
 
     def log_run_info(self, info: Mapping[str, Any]) -> None:
         self._extra = {"peak_dtype": info.get("peak_dtype"), "device": info.get("device")}
         if info.get("peak_mix"):  # FP8 beside bf16: dtype -> share of model FLOPs
             self._extra["peak_mix"] = info["peak_mix"]
+        self._run = dict(info)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         record = {"step": step, "time": time.time(), **self._extra, **metrics}
+        if self._run is not None:  # the run's facts ride on its first line, so the file stands alone
+            record["run"], self._run = self._run, None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -6,6 +6,8 @@ Importing mfumon imports torch and nothing of a training framework; integrations
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning, MissingDependencyError
 from mfumon.flops import CONVENTIONS, FlopBreakdown, flop_breakdown, flops_per_token
@@ -38,4 +40,12 @@ __all__ = [
     "monitor",
     "peak_flops",
     "register_moe",
+    "report",
 ]
+
+
+def report(path: str | Path, output: str | Path) -> Path:
+    """Write a run's JSONL as one self-contained HTML page (see `mfumon report`); returns `output`."""
+    from mfumon.reporting import report as write
+
+    return write(path, output)

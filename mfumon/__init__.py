@@ -6,7 +6,7 @@ Importing mfumon imports torch and nothing of a training framework; integrations
 
 from __future__ import annotations
 
-from pathlib import Path
+import pathlib
 
 from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning, MissingDependencyError
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-def report(path: str | Path, output: str | Path) -> Path:
+def report(path: str | pathlib.Path, output: str | pathlib.Path) -> pathlib.Path:
     """Write a run's JSONL as one self-contained HTML page (see `mfumon report`); returns `output`."""
     from mfumon.reporting import report as write
 

@@ -127,7 +127,7 @@ def build(run: RunLog) -> dict[str, Any]:
     return {
         "label": run.label,
         "path": str(run.path),
-        "windows": len(run.records),
+        "windows": _windows(run),
         "first_step": run.records[0]["step"],
         "last_step": run.records[-1]["step"],
         "notes": list(run.notes),
@@ -174,13 +174,18 @@ def _summary(run: RunLog) -> tuple[dict[str, Any], str]:
     mfu_avg = run.latest(K.MFU_AVG)
     if mfu_avg is not None:
         out[K.MFU] = mfu_avg
-    out["windows"] = len(run.records)
+    out["windows"] = _windows(run)
     out["last_step"] = run.records[-1]["step"]
     return out, (
-        f"computed from the {len(run.records)} logged windows (no summary file: the run is still going or "
+        f"computed from the {out['windows']} logged windows (no summary file: the run is still going or "
         "did not close): plain means of the windows' values; MFU is the last window's mfu_avg "
         "(the whole run so far)"
     )
+
+
+def _windows(run: RunLog) -> int:
+    """Lines with a metric (a profile record is no window)."""
+    return sum(1 for r in run.records if any(k.startswith(PREFIX) for k in r))
 
 
 def _whole_run(run: RunLog, summary: dict[str, Any], key: str) -> float | None:

@@ -24,6 +24,7 @@ __all__ = [
     "Drop",
     "ReportError",
     "build",
+    "columns",
     "decimate",
     "report",
     "waterfall",
@@ -78,6 +79,9 @@ FACTS = (  # (run fact, label)
 )
 
 
+Series = dict[str, tuple[list[int], list[float]]]  # key -> (steps, values), every window
+
+
 class ReportError(MfumonError):
     """The report cannot be written (e.g. the output path is not writable). The message is one line."""
 
@@ -113,14 +117,14 @@ def write_report(run: RunLog, output: str | Path) -> Path:
 
 def build(run: RunLog) -> dict[str, Any]:
     """Everything the page shows, as plain data (also embedded in the page as JSON)."""
+    full = columns(run)
     series: dict[str, dict[str, list[float]]] = {}
     decimated = False
-    for key in run.keys():
-        steps, values = run.series(key)
+    for key, (steps, values) in full.items():
         small_steps, small_values = decimate(steps, values, MAX_POINTS)
         decimated |= len(small_steps) < len(steps)
         series[key] = {"steps": small_steps, "values": small_values}
-    summary, summary_source = _summary(run)
+    summary, summary_source = _summary(run, full)
     profiled = next((r for r in reversed(run.records) if isinstance(r.get("profile"), dict)), None)
     profile = profiled["profile"] if profiled else None
     profile_step = profiled["step"] if profiled else None
@@ -139,11 +143,24 @@ def build(run: RunLog) -> dict[str, Any]:
         "decimated": decimated,
         "max_points": MAX_POINTS,
         "charts": [(title, [k for k in keys if k in series]) for title, keys in CHARTS],
-        "ledger": {k: v for k in LEDGER_KEYS if (v := _whole_run(run, summary, k)) is not None},
+        "ledger": {k: v for k in LEDGER_KEYS if (v := _whole_run(full, summary, k)) is not None},
         "profile": profile,
         "profile_step": profile_step,
-        "waterfall": waterfall(run, summary, profile),
+        "waterfall": waterfall(run, full, summary, profile),
     }
+
+
+def columns(run: RunLog) -> Series:
+    """Every metric's (steps, values), as `{k: run.series(k) for k in run.keys()}` gives, in one pass."""
+    out: Series = {}
+    for record in run.records:
+        step = record["step"]
+        for key, value in record.items():
+            if key.startswith(PREFIX) and type(value) in (float, int) and math.isfinite(value):
+                steps, values = out.setdefault(key, ([], []))
+                steps.append(step)
+                values.append(float(value))
+    return out
 
 
 def decimate(steps: list[int], values: list[float], limit: int) -> tuple[list[int], list[float]]:
@@ -164,16 +181,14 @@ def decimate(steps: list[int], values: list[float], limit: int) -> tuple[list[in
     return [steps[i] for i in order], [values[i] for i in order]
 
 
-def _summary(run: RunLog) -> tuple[dict[str, Any], str]:
+def _summary(run: RunLog, full: Series) -> tuple[dict[str, Any], str]:
     if run.summary:
         return dict(run.summary), f"{run.path.with_suffix('.summary.json').name}, written when the run closed"
     out: dict[str, Any] = {}
-    for key in run.keys():
-        _, values = run.series(key)
+    for key, (_, values) in full.items():
         out[key] = sum(values) / len(values)
-    mfu_avg = run.latest(K.MFU_AVG)
-    if mfu_avg is not None:
-        out[K.MFU] = mfu_avg
+    if K.MFU_AVG in full:
+        out[K.MFU] = full[K.MFU_AVG][1][-1]
     out["windows"] = _windows(run)
     out["last_step"] = run.records[-1]["step"]
     return out, (
@@ -185,24 +200,28 @@ def _summary(run: RunLog) -> tuple[dict[str, Any], str]:
 
 def _windows(run: RunLog) -> int:
     """Lines with a metric (a profile record is no window)."""
-    return sum(1 for r in run.records if any(k.startswith(PREFIX) for k in r))
+    return sum(1 for r in run.records if "profile" not in r or any(k.startswith(PREFIX) for k in r))
 
 
-def _whole_run(run: RunLog, summary: dict[str, Any], key: str) -> float | None:
+def _whole_run(full: Series, summary: dict[str, Any], key: str) -> float | None:
     """The whole-run value of `key`: the summary's, else the mean of the windows', else None."""
     value = summary.get(key)
     if _finite(value):
         return float(value)
-    _, values = run.series(key)
+    values = full.get(key, ((), ()))[1]
     return sum(values) / len(values) if values else None
 
 
-def _peak(run: RunLog) -> float | None:
+def _peak(run: RunLog, full: Series) -> float | None:
     peak = run.run.get("peak_tflops")
-    return float(peak) if _finite(peak) and peak > 0 else run.latest(K.PEAK_TFLOPS)
+    if _finite(peak) and peak > 0:
+        return float(peak)
+    return full[K.PEAK_TFLOPS][1][-1] if K.PEAK_TFLOPS in full else None
 
 
-def waterfall(run: RunLog, summary: dict[str, Any], profile: dict[str, Any] | None) -> dict[str, Any]:
+def waterfall(
+    run: RunLog, full: Series, summary: dict[str, Any], profile: dict[str, Any] | None
+) -> dict[str, Any]:
     """The MFU waterfall: 100% of the peak, each measured drop, the unexplained rest, the achieved MFU.
 
     Each cause is a fraction of the time (or of the peak, for the ceiling) and removes that share of
@@ -210,8 +229,8 @@ def waterfall(run: RunLog, summary: dict[str, Any], profile: dict[str, Any] | No
     remainder down to the achieved MFU; when they reach below it (overlapping measurements) the
     remainder is negative and says so. Without a peak there is no MFU and no waterfall.
     """
-    peak = _peak(run)
-    achieved = _whole_run(run, summary, K.MFU)
+    peak = _peak(run, full)
+    achieved = _whole_run(full, summary, K.MFU)
     if peak is None or achieved is None:
         return {"absent": "no peak known for this run, so no MFU to break down"}
     causes: list[tuple[str, float, str]] = []  # (name, fraction of what is left, measured by)
@@ -221,17 +240,17 @@ def waterfall(run: RunLog, summary: dict[str, Any], profile: dict[str, Any] | No
         causes.append(("GEMM ceiling (measured)", 1 - measured / peak, by))
     for name, frac in _profile_losses(profile):
         causes.append((f"{name}: time lost (step profile)", frac, "latest step profile"))
-    wait = _whole_run(run, summary, PREFIX + "input_wait_frac")
+    wait = _whole_run(full, summary, PREFIX + "input_wait_frac")
     if wait is not None:
         causes.append(("input wait", wait, "mfumon/input_wait_frac"))
-    slow, fast = (_whole_run(run, summary, PREFIX + k) for k in ("step_time_max_ms", "step_time_min_ms"))
+    slow, fast = (_whole_run(full, summary, PREFIX + k) for k in ("step_time_max_ms", "step_time_min_ms"))
     if slow and fast is not None and slow > 0:
         causes.append(("slowest rank's lead", 1 - fast / slow, "step_time_min_ms / step_time_max_ms"))
     end_name = "achieved MFU"
-    goodput = _whole_run(run, summary, PREFIX + "goodput")
+    goodput = _whole_run(full, summary, PREFIX + "goodput")
     if goodput is not None:
         causes.append(("paused time and gaps (1 - goodput)", 1 - goodput, "mfumon/goodput"))
-        wall = _whole_run(run, summary, PREFIX + "mfu_wall")
+        wall = _whole_run(full, summary, PREFIX + "mfu_wall")
         achieved, end_name = (wall if wall is not None else achieved * goodput), "achieved MFU over wall time"
     level, drops = 1.0, []
     for name, frac, by in causes:

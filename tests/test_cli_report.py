@@ -17,7 +17,8 @@ from torch import nn
 
 import mfumon
 from mfumon.cli import main
-from mfumon.reporting import decimate
+from mfumon.reporting import columns, decimate
+from mfumon.runlog import read_run
 from tests.tiny_models import HIDDEN, HandLM, token_batch
 
 SEQ = 16
@@ -125,6 +126,8 @@ def test_a_real_run_becomes_one_self_contained_page(
     keys = {k for r in written for k in r if k.startswith("mfumon/")}
     embedded = page.data["series"]
     assert set(embedded) == keys
+    run = read_run(path)
+    assert columns(run) == {k: run.series(k) for k in run.keys()}  # the one-pass read agrees with runlog
     for key in keys:
         assert embedded[key] == {"steps": [r["step"] for r in written], "values": [r[key] for r in written]}
 

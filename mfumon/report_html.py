@@ -151,7 +151,10 @@ def roofline_chart(profile: dict[str, Any], width: int = 520, height: int = 300)
         color = COLORS[i % len(COLORS)]
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"/>')
         parts.append(f'<text x="{cx + 6:.1f}" y="{cy - 4:.1f}" fill="{color}">{_esc(name)}</text>')
-    parts.append(f'<text x="{left}" y="{height - 8}">FLOPs/byte, log scale; TFLOP/s up, log scale</text>')
+    axes = "FLOPs/byte across, TFLOP/s up, both log scale"
+    if not (peak and bandwidth):
+        axes += "; no roof drawn: the profile carries no peak_tflops and bandwidth_gbs"
+    parts.append(f'<text x="{left}" y="{height - 8}">{_esc(axes)}</text>')
     return "".join(parts) + "</svg>"
 
 
@@ -224,6 +227,7 @@ def _waterfall(wf: dict[str, Any]) -> str:
         '<p class="note">From 100% of the peak down to the achieved MFU. Each drop is a cause this run '
         "measured, taking its share of what is left; what no measurement explains is shown as such.</p>"
     )
+    rule += "".join(f'<p class="note">Note: {_esc(n)}.</p>' for n in wf["notes"])
     head = ["step", "MFU points lost", "MFU after", "measured by"]
     return rule + waterfall_chart(wf) + _table("waterfall-table", head, rows)
 

@@ -235,6 +235,9 @@ def waterfall(
         return {"absent": "no peak known for this run, so no MFU to break down"}
     causes: list[tuple[str, float, str]] = []  # (name, fraction of what is left, measured by)
     measured = run.run.get("measured_peak_tflops")
+    notes = []
+    if _finite(measured) and measured >= peak:
+        notes.append(f"the measured GEMM ceiling ({measured:.4g} TFLOP/s) is not below the peak: no drop")
     if _finite(measured) and 0 < measured < peak:
         by = f"measured_peak_tflops {measured:.4g}"
         causes.append(("GEMM ceiling (measured)", 1 - measured / peak, by))
@@ -267,6 +270,7 @@ def waterfall(
         "achieved_name": end_name,
         "drops": [d.__dict__ for d in drops],
         "unexplained": {"name": rest_name, "points": rest},
+        "notes": notes,
     }
 
 

@@ -221,6 +221,13 @@ def test_measurements_that_overlap_say_so_instead_of_hiding(tmp_path: Path) -> N
     assert "overlap" in wf["unexplained"]["name"]
 
 
+def test_a_ceiling_above_the_peak_is_no_drop_and_says_so(tmp_path: Path) -> None:
+    record = {"step": 5, "mfumon/mfu": 0.5, "run": {"peak_tflops": 10.0, "measured_peak_tflops": 11.0}}
+    page = Page(mfumon.report(write_jsonl(tmp_path / "c.jsonl", [record]), tmp_path / "c.html").read_text())
+    assert page.data["waterfall"]["drops"] == []
+    assert "ceiling (11 TFLOP/s) is not below the peak" in page.sections["waterfall-section"]
+
+
 def test_no_peak_no_waterfall(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "n.jsonl", [{"step": 5, "mfumon/tokens_per_s": 1000.0}])
     page = Page(mfumon.report(path, tmp_path / "n.html").read_text())

@@ -38,6 +38,11 @@ CHARTS = (  # (title, keys drawn together)
     ("TFLOP/s per device", (K.TFLOPS_PER_DEVICE, K.HW_TFLOPS_PER_DEVICE)),
     ("tokens/s (all devices)", (K.TOKENS_PER_S,)),
     ("step time, ms", (K.STEP_TIME_MS,)),
+    ("time ledger: goodput and input wait", (PREFIX + "goodput", PREFIX + "input_wait_frac")),
+    (
+        "step time of the slowest and the fastest rank, ms",
+        (PREFIX + "step_time_max_ms", PREFIX + "step_time_min_ms"),
+    ),
 )
 
 #: The time ledger (DESIGN.md, "Where the time goes"); shown for those the run logged.

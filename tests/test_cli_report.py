@@ -149,6 +149,7 @@ def test_a_real_run_becomes_one_self_contained_page(
     assert rows(page, "waterfall-table")["achieved MFU"][1] == f"{achieved * 100:.4g}%"
 
     assert "No time ledger in this run" in page.sections["ledger"] and "ledger-table" not in page.tables
+    assert "time ledger" not in page.sections["charts"] and "tokens/s" in page.sections["charts"]
     assert "No step profile in this run" in page.sections["profile"] and "profile-table" not in page.tables
 
 
@@ -208,6 +209,7 @@ def test_measured_causes_each_take_their_drop(tmp_path: Path) -> None:
     assert ledger["mfumon/step_time_min_ms"] == ["90"]
     assert rows(page, "profile-table")["attention core"][2] == "0.4"  # its seconds
     assert page.circles == 2  # one roofline point per profiled row
+    assert "time ledger: goodput and input wait" in page.sections["charts"]
     assert "Profiled at step 20" in page.sections["profile"]
 
 

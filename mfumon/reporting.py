@@ -129,14 +129,15 @@ def build(run: RunLog) -> dict[str, Any]:
         small_steps, small_values = decimate(steps, values, MAX_POINTS)
         decimated |= len(small_steps) < len(steps)
         series[key] = {"steps": small_steps, "values": small_values}
-    summary, summary_source = _summary(run, full)
+    windows = _windows(run)
+    summary, summary_source = _summary(run, full, windows)
     profiled = next((r for r in reversed(run.records) if isinstance(r.get("profile"), dict)), None)
     profile = profiled["profile"] if profiled else None
     profile_step = profiled["step"] if profiled else None
     return {
         "label": run.label,
         "path": str(run.path),
-        "windows": _windows(run),
+        "windows": windows,
         "first_step": run.records[0]["step"],
         "last_step": run.records[-1]["step"],
         "notes": list(run.notes),
@@ -186,15 +187,15 @@ def decimate(steps: list[int], values: list[float], limit: int) -> tuple[list[in
     return [steps[i] for i in order], [values[i] for i in order]
 
 
-def _summary(run: RunLog, full: Series) -> tuple[dict[str, Any], str]:
+def _summary(run: RunLog, full: Series, windows: int) -> tuple[dict[str, Any], str]:
     if run.summary:
         return dict(run.summary), f"{run.path.with_suffix('.summary.json').name}, written when the run closed"
     out: dict[str, Any] = {}
     for key, (_, values) in full.items():
         out[key] = sum(values) / len(values)
-    if K.MFU_AVG in full:
-        out[K.MFU] = full[K.MFU_AVG][1][-1]
-    out["windows"] = _windows(run)
+    if K.MFU_AVG in full:  # a running whole-run figure: its last value, not a mean
+        out[K.MFU] = out[K.MFU_AVG] = full[K.MFU_AVG][1][-1]
+    out["windows"] = windows
     out["last_step"] = run.records[-1]["step"]
     return out, (
         f"computed from the {out['windows']} logged windows (no summary file: the run is still going or "

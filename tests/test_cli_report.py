@@ -204,6 +204,8 @@ def test_measured_causes_each_take_their_drop(tmp_path: Path) -> None:
     assert len(page.tables["waterfall-table"]) == 1 + 1 + 5 + 2  # head, peak, drops, remainder, achieved
 
     assert "computed from the 2 logged windows" in page.sections["whole-run"]  # no summary file
+    assert rows(page, "summary")["mfumon/mfu_avg"] == ["46.5%"]  # the last window's, not a mean
+    assert rows(page, "summary")["mfumon/goodput"] == ["90%"]
     ledger = rows(page, "ledger-table")
     assert ledger["mfumon/goodput"] == ["90%"] and ledger["mfumon/input_wait_frac"] == ["10%"]
     assert ledger["mfumon/step_time_min_ms"] == ["90"]

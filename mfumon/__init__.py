@@ -18,6 +18,21 @@ from mfumon.params import ParamCounts, count_params, register_moe
 
 __version__ = "0.1.0"
 
+_LAZY = {"compare": "mfumon.comparison"}  # public name -> module, imported on first use
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mfumon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "CONVENTIONS",
     "METRIC_KEYS",
@@ -31,6 +46,7 @@ __all__ = [
     "MissingDependencyError",
     "Monitor",
     "ParamCounts",
+    "compare",
     "count_params",
     "flop_breakdown",
     "flops_per_token",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mfumon.cli import estimate, peak
+from mfumon.cli import compare, estimate, peak, watch
 from mfumon.errors import MfumonError
 
 __all__ = ["build_parser", "main"]
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     peak.add_parser(sub)
     estimate.add_parser(sub)
+    compare.add_parser(sub)
+    watch.add_parser(sub)
     return parser
 
 

@@ -249,7 +249,7 @@ def format_value(name: str, value: float | None) -> str:
     if value is None:
         return "-"
     if name in ("mfu_avg", "mfu", "goodput"):
-        return f"{value * 100:.2f}%" if abs(value) >= 0.01 else f"{value * 100:.3g}%"  # 41.20%, 0.00524%
+        return f"{value * 100:.2f}%" if abs(value) >= 0.001 else f"{value * 100:.3g}%"  # 41.20%, 0.00524%
     if name == "tokens_per_s":
         return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
     return f"{value:,.1f}" if value >= 100 else f"{value:.3g}"

@@ -110,6 +110,28 @@ def test_whole_run_from_windows_equals_the_summary(base: Path) -> None:
     assert from_windows.values["mfumon/goodput"] is None  # no goodput in a run yet: shown as "-"
 
 
+def test_windows_are_weighted_by_their_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hand-written windows (no summary.json) with goodput, as issue 11's runs will log it."""
+    path = tmp_path / "hand.jsonl"
+    windows = [  # no run facts: the first window counts from step 0
+        {"step": 8, "time": 1.0, K.STEP_TIME_MS: 100.0, K.TOKENS_PER_S: 1000.0, "mfumon/goodput": 0.8},
+        {"step": 16, "time": 6.0, K.STEP_TIME_MS: 200.0, K.TOKENS_PER_S: 500.0, "mfumon/goodput": 0.4},
+    ]
+    path.write_text("".join(json.dumps(w) + "\n" for w in windows))
+    values = whole_run(read_run(path)).values
+    # window seconds in steps: 8 x 0.1 = 0.8 s and 8 x 0.2 = 1.6 s; wall: 0.8 / 0.8 = 1 s, 1.6 / 0.4 = 4 s
+    assert values[K.TOKENS_PER_S] == pytest.approx((1000 * 0.8 + 500 * 1.6) / 2.4)  # 666.7
+    assert values[K.STEP_TIME_MS] == pytest.approx(2.4 / 16 * 1e3)  # 150 ms
+    assert values["mfumon/goodput"] == pytest.approx(2.4 / 5.0)  # 0.48
+    assert values[K.MFU_AVG] is None and values[K.TFLOPS_PER_DEVICE] is None
+    worse = tmp_path / "worse.jsonl"
+    worse.write_text(path.read_text().replace('"mfumon/goodput": 0.4', '"mfumon/goodput": 0.3'))
+    code, out, err = cli(capsys, path, worse, "--metric", "goodput")
+    # worse: wall 1 + 1.6 / 0.3 = 6.333 s, goodput 2.4 / 6.333 = 0.3789; (0.3789 - 0.48) / 0.48 = -21.05%
+    assert code == 1 and err == ""
+    assert "gate: goodput (higher is better) -21.05%: REGRESSED" in out
+
+
 @pytest.mark.parametrize(
     ("new_mfu", "tolerance", "code"),
     [

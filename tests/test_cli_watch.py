@@ -46,12 +46,14 @@ def test_once_prints_the_current_state(tmp_path: Path, capsys: pytest.CaptureFix
 def test_once_without_a_peak_draws_tokens_per_s(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "nopeak.jsonl"
     rows = [(8, 1000.0), (12, 1200.0), (16, 1100.0)]
-    path.write_text("".join(json.dumps({"step": s, "time": 1.0, K.TOKENS_PER_S: t}) + "\n" for s, t in rows))
+    windows = [{"step": s, "time": 1.0, K.TOKENS_PER_S: t, "mfumon/goodput": 0.9} for s, t in rows]
+    path.write_text("".join(json.dumps(window) + "\n" for window in windows))
     assert main(["watch", "--once", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "no peak known: no MFU" in lines[0] and "MFU -  avg -" in lines[1]
     # 1000 lowest, 1200 highest, 1100 halfway: 0.5 x 7 = 3.5, rounded to even: block 4 (▅)
     assert lines[2] == "tokens/s ▁█▅  1,000 .. 1,200, last 3 windows"
+    assert lines[3] == "tokens/s 1,100  step time -  TFLOP/s per device -  goodput 90.00%"
 
 
 @pytest.mark.parametrize(

@@ -108,11 +108,9 @@ class Tail:
         except OSError as exc:
             raise RunLogError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc})") from None
         event = None
-        lines: list[bytes] = []
         if self._file is not None and (stat.st_dev, stat.st_ino) != self._ident:
-            lines = self._read()  # what the old file still held, then the new one from its start
-            self._file.close()
-            self._file, event = None, "replaced"
+            self._file.close()  # another file at the path: a new run, read from its start
+            self._file, event, self.line_number = None, "replaced", 0
         if self._file is None:
             try:
                 self._file = open(self.path, "rb")  # noqa: SIM115 - kept open between polls
@@ -120,13 +118,9 @@ class Tail:
                 raise RunLogError(f"{self.path}: cannot be read ({type(exc).__name__}: {exc})") from None
             opened = os.fstat(self._file.fileno())
             self._ident, self.offset, self._partial = (opened.st_dev, opened.st_ino), 0, b""
-            if event == "replaced":
-                lines, self.line_number = [], 0  # a new run: what the old one held is dropped with its view
         elif stat.st_size < self.offset:
             event, self.offset, self._partial, self.line_number = "truncated", 0, b"", 0
-        if stat.st_size > self.offset:
-            lines += self._read()
-        return lines, event
+        return (self._read() if stat.st_size > self.offset else []), event
 
     def _read(self) -> list[bytes]:
         assert self._file is not None
@@ -221,7 +215,7 @@ class View:
         lines.append(f"{name:<8} {sparkline(shown)}{span}")
         lines.append(
             f"tokens/s {_fmt('tokens_per_s', w.get(K.TOKENS_PER_S))}  "
-            f"step time {_fmt('step_time_ms', w.get(K.STEP_TIME_MS))} ms  "
+            f"step time {_fmt('step_time_ms', w.get(K.STEP_TIME_MS), ' ms')}  "
             f"TFLOP/s per device {_fmt('tflops_per_device', w.get(K.TFLOPS_PER_DEVICE))}  "
             f"goodput {_fmt('goodput', w.get(GOODPUT))}"
         )
@@ -239,6 +233,7 @@ def sparkline(values: list[float]) -> str:
     return "".join(BLOCKS[round((v - low) / (high - low) * top)] for v in values)
 
 
-def _fmt(name: str, value: Any) -> str:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return format_value("mfu_avg" if name == "mfu" else name, float(value) if ok else None)
+def _fmt(name: str, value: Any, unit: str = "") -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return format_value("mfu_avg" if name == "mfu" else name, float(value)) + unit

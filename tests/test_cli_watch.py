@@ -56,6 +56,18 @@ def test_once_without_a_peak_draws_tokens_per_s(tmp_path: Path, capsys: pytest.C
     assert lines[3] == "tokens/s 1,100  step time -  TFLOP/s per device -  goodput 90.00%"
 
 
+def test_once_shows_the_latest_run_of_a_file_written_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = real_run(tmp_path, "twice", steps=20)
+    real_run(tmp_path, "twice", steps=12)  # the same run name again: the monitor appends to the file
+    assert [r["step"] for r in read_run(path).records] == [8, 12, 16, 20, 8, 12]
+    assert main(["watch", "--once", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("step 12  window 2  MFU ")  # the second run's two windows
+    assert len(lines[2].split()[1]) == 2
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [(None, "no such file"), ("", "no logged window yet"), ("x,y\n1,2\n", "line 1 is not JSON")],

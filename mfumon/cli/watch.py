@@ -65,13 +65,19 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     return 0
 
 
-def follow(path: Path, *, interval: float, width: int, out: TextIO, polls: int | None = None) -> None:
-    """Poll `path` every `interval` s, drawing the view when a window arrives; `polls` bounds the loop."""
+def follow(path: Path, *, interval: float, width: int, out: TextIO) -> None:
+    """Poll `path` every `interval` s, drawing the view when a window arrives, until interrupted."""
     tail, view = Tail(path), View(path)
-    tty = out.isatty()
+    try:
+        _follow(tail, view, interval=interval, width=width, out=out)
+    finally:
+        tail.close()
+
+
+def _follow(tail: Tail, view: View, *, interval: float, width: int, out: TextIO) -> None:
+    path, tty = tail.path, out.isatty()
     waiting: str | None = None
-    while polls is None or polls > 0:
-        polls = None if polls is None else polls - 1
+    while True:
         lines, event = tail.poll()
         if event in ("truncated", "replaced"):
             view = View(path)
@@ -122,6 +128,12 @@ class Tail:
             event, self.offset, self._partial, self.line_number = "truncated", 0, b"", 0
         return (self._read() if stat.st_size > self.offset else []), event
 
+    def close(self) -> None:
+        """Close the file kept open between polls."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _read(self) -> list[bytes]:
         assert self._file is not None
         self._file.seek(self.offset)
@@ -153,7 +165,11 @@ class Tail:
 
 @dataclass
 class View:
-    """What the watch shows: the run's facts, the latest window, MFU (or tokens/s) over the windows."""
+    """What the watch shows: the run's facts, the latest window, MFU (or tokens/s) over the windows.
+
+    A window that carries run facts after others starts the view over: the monitor appends a new
+    run to an existing file of the same name, and the view shows the latest run.
+    """
 
     path: Path
     run: dict[str, Any] = field(default_factory=dict)
@@ -166,6 +182,9 @@ class View:
     def add(self, records: list[dict[str, Any]]) -> int:
         """Take new windows in; returns how many. RunLogError when the first has no mfumon metric."""
         for record in records:
+            if self.records and isinstance(record.get("run"), dict):  # another run appended to the file
+                self.run, self.latest, self.records, self.trend, self.trend_key = {}, {}, 0, [], None
+                self.closed = False
             if not self.records and not any(k.startswith(PREFIX) for k in record):
                 raise RunLogError(
                     f"{self.path}: no 'mfumon/...' metric in its first line: not an mfumon JSONL file"

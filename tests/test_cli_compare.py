@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -130,6 +131,36 @@ def test_windows_are_weighted_by_their_time(tmp_path: Path, capsys: pytest.Captu
     # worse: wall 1 + 1.6 / 0.3 = 6.333 s, goodput 2.4 / 6.333 = 0.3789; (0.3789 - 0.48) / 0.48 = -21.05%
     assert code == 1 and err == ""
     assert "gate: goodput (higher is better) -21.05%: REGRESSED" in out
+
+
+def test_a_previous_runs_summary_is_not_used(base: Path) -> None:
+    """A summary.json written before the last window belongs to an earlier run of that name."""
+    again = edited_copy(base, "again")
+    summary = again.with_suffix(".summary.json")
+    last = json.loads(again.read_text().splitlines()[-1])["time"]
+    os.utime(summary, (last - 60.0, last - 60.0))  # written a minute before the last window
+    whole = whole_run(read_run(again))
+    assert (
+        whole.source
+        == "4 windows (no summary.json: summary.json older than the last window: a previous run's)"
+    )
+    log = read_run(base)
+    log.summary = None
+    assert whole.values == whole_run(log).values  # the windows, not the summary
+
+
+def test_a_file_written_twice_compares_its_latest_run(tmp_path: Path) -> None:
+    path = real_run(tmp_path, "twice", steps=20)
+    first = read_run(path).records
+    real_run(tmp_path, "twice", steps=12)  # the same run name again: the monitor appends to the file
+    log = read_run(path)
+    log.summary = None
+    second = log.records[len(first) :]
+    assert [r["step"] for r in second] == [8, 12]
+    # windows of 4 steps each (warm-up 4): the step times' mean over the second run only
+    expected = (second[0][K.STEP_TIME_MS] * 4 + second[1][K.STEP_TIME_MS] * 4) / 8
+    values = whole_run(log).values
+    assert values[K.STEP_TIME_MS] == pytest.approx(expected) and values[K.MFU_AVG] == second[-1][K.MFU_AVG]
 
 
 @pytest.mark.parametrize(

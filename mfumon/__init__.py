@@ -6,8 +6,6 @@ Importing mfumon imports torch and nothing of a training framework; integrations
 
 from __future__ import annotations
 
-import pathlib
-
 from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning, MissingDependencyError
 from mfumon.flops import CONVENTIONS, FlopBreakdown, flop_breakdown, flops_per_token
@@ -19,6 +17,22 @@ from mfumon.monitor import Monitor, monitor
 from mfumon.params import ParamCounts, count_params, register_moe
 
 __version__ = "0.1.0"
+
+# public name -> module, imported on first use: the run-file commands need no torch import of their own
+_LAZY = {"compare": "mfumon.comparison", "report": "mfumon.reporting"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mfumon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CONVENTIONS",
@@ -33,6 +47,7 @@ __all__ = [
     "MissingDependencyError",
     "Monitor",
     "ParamCounts",
+    "compare",
     "count_params",
     "flop_breakdown",
     "flops_per_token",
@@ -42,10 +57,3 @@ __all__ = [
     "register_moe",
     "report",
 ]
-
-
-def report(path: str | pathlib.Path, output: str | pathlib.Path) -> pathlib.Path:
-    """Write a run's JSONL as one self-contained HTML page (see `mfumon report`); returns `output`."""
-    from mfumon.reporting import report as write
-
-    return write(path, output)

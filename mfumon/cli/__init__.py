@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mfumon.cli import estimate, peak
+from mfumon.cli import compare, estimate, peak, watch
 from mfumon.cli import report as report_cmd
 from mfumon.errors import MfumonError
 
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     peak.add_parser(sub)
     estimate.add_parser(sub)
     report_cmd.add_parser(sub)
+    compare.add_parser(sub)
+    watch.add_parser(sub)
     return parser
 
 

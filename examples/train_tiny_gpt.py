@@ -3,7 +3,7 @@
 Runs on the GPU when there is one (bf16 autocast) and on the CPU otherwise. Prints the live
 metrics line, writes runs/<run-name>.jsonl, and logs to W&B too when wandb is installed
 (offline, into ./wandb, when no WANDB_API_KEY is set). A device with no datasheet peak (a CPU)
-gets its GEMM ceiling measured once at start (about 1 s), and MFU against that, labelled measured.
+gets its GEMM ceiling measured once at start (about 0.5 s), and MFU against that, labelled measured.
 
     python examples/train_tiny_gpt.py [--steps 40] [--seq-len 128] [--batch-size 16]
 """

@@ -34,11 +34,12 @@ def measure_peak_flops(
     """Achieved FLOP/s of back-to-back (size x size) @ (size x size) GEMMs in `dtype` on one device.
 
     On a CUDA device (default: the current one; size 8192, 20 timed after 5 untimed) or device="cpu"
-    (2048, 5 after 1: about 1 s on 2 cores). ConfigError: no such device, or a dtype it cannot multiply.
+    (2048, 5 after 1: 0.5 s on 2 idle cores). ConfigError: no such device, or a dtype it cannot multiply.
     """
     canonical = normalize_dtype(dtype)
     cpu = device is not None and not isinstance(device, int) and torch.device(device).type == "cpu"
-    # a 2048 GEMM is 17 GFLOP: big enough for a CPU's ceiling, 6 of them ~1 s at 100 GFLOP/s (2 cores)
+    # a 2048 GEMM is 17 GFLOP: big enough for a CPU's ceiling (1024 reached 15-25% less on 2 cores), 6 of
+    # them 0.5 s at the 240 GFLOP/s 2 idle cores reach
     default_size, default_iters, default_warmup = (2048, 5, 1) if cpu else (8192, 20, 5)
     size = check_int("size", default_size if size is None else size, "rows and columns of the square GEMM")
     iters = check_int("iters", default_iters if iters is None else iters, "timed GEMMs")

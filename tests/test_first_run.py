@@ -55,7 +55,7 @@ def test_cpu_ceiling_at_its_default_size_takes_seconds_not_minutes() -> None:
     measured = measure_peak_flops("fp32", device="cpu")  # (2048, 5 after 1): 6 x 17.2 GFLOP
     elapsed = time.perf_counter() - start
     assert measured > 0
-    assert elapsed < 60  # about 1 s on an idle 2-core machine; 60x that for a loaded CI box
+    assert elapsed < 60  # 0.5 s on an idle 2-core machine, 3 to 5 s on a busy one
 
 
 def test_ceiling_on_a_device_it_cannot_time_says_what_to_pass() -> None:

@@ -2,7 +2,8 @@
 
 Runs on the GPU when there is one (bf16 autocast) and on the CPU otherwise. Prints the live
 metrics line, writes runs/<run-name>.jsonl, and logs to W&B too when wandb is installed
-(offline, into ./wandb, when no WANDB_API_KEY is set).
+(offline, into ./wandb, when no WANDB_API_KEY is set). A device with no datasheet peak (a CPU)
+gets its GEMM ceiling measured once at start (about 0.5 s), and MFU against that, labelled measured.
 
     python examples/train_tiny_gpt.py [--steps 40] [--seq-len 128] [--batch-size 16]
 """
@@ -96,8 +97,16 @@ def main() -> None:
     if importlib.util.find_spec("wandb") is not None and os.environ.get("WANDB_MODE") != "disabled":
         loggers.append("wandb")
 
+    # No datasheet peak for this device (a CPU): measure its GEMM ceiling and show MFU against that.
+    no_peak = mfumon.peak_flops(dtype="bf16" if cuda else "fp32", device=device) is None
+
     with mfumon.monitor(
-        model, seq_len=args.seq_len, log_every=args.log_every, loggers=loggers, run_name=args.run_name
+        model,
+        seq_len=args.seq_len,
+        log_every=args.log_every,
+        loggers=loggers,
+        run_name=args.run_name,
+        measure_ceiling=no_peak,
     ) as mon:
         for step in range(args.steps):
             starts = torch.randint(0, len(data) - args.seq_len - 1, (args.batch_size,))

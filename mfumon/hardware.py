@@ -2,27 +2,26 @@
 
 The peak is an exact lookup of the device's driver name (`mfumon.devices`) in
 ``mfumon._peaks.PEAKS``, scaled by its MIG share; a user-given peak overrides it, and
-`measure_peak_flops` times the achievable ceiling. A model whose matmuls run in more than one
-dtype (FP8 linears, found by `mfumon.precision`) gets the FLOP-weighted peak (`mixed_peak`).
+`measure_peak_flops` (`mfumon.ceiling`, re-exported here) times the achievable ceiling. A model
+whose matmuls run in more than one dtype (FP8 linears, found by `mfumon.precision`) gets the
+FLOP-weighted peak (`mixed_peak`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mfumon._peaks import DevicePeak, lookup
-from mfumon.devices import DeviceIdentity, cuda_index, device_name, identify_device
+from mfumon.ceiling import measure_peak_flops
+from mfumon.devices import DeviceIdentity, device_name, identify_device
 from mfumon.dtypes import matmul_dtype, normalize_dtype
-from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, check_int, log
-from mfumon.flops import matmul_flops
+from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, log
 from mfumon.precision import Precision, find_precision
 
 if TYPE_CHECKING:
@@ -168,11 +167,13 @@ def resolve_peak(
     device: torch.device | int | str | None,
     nvml: Any = None,
     stacklevel: int = 2,
+    measured: bool = False,
 ) -> PeakInfo:
     """Peak to divide by: `peak_tflops` > MFUMON_PEAK_TFLOPS > table peak of the device (x MIG share).
 
     Bad `peak_tflops`, env value or dtype raise ConfigError. An unknown device or dtype gives
-    flops=None and one MfumonWarning; NVML faults are logged once, never raised.
+    flops=None and one MfumonWarning (`measured`: saying MFU is against the measured GEMM ceiling
+    instead); NVML faults are logged once, never raised.
     """
     canonical = normalize_dtype(dtype)
     override = peak_override_flops(peak_tflops)
@@ -180,11 +181,12 @@ def resolve_peak(
     if override is not None:
         return PeakInfo(device=ident.reported, dtype=canonical, flops=override[0], source=override[1])
     hint = f"pass peak_tflops=<dense {canonical} TFLOP/s per device> or set {ENV_PEAK_TFLOPS}"
+    no_mfu = "no datasheet MFU (MFU against the measured GEMM ceiling instead)" if measured else "no MFU"
     if ident.name is None:
         if ident.problem is None:
-            message = f"mfumon: device {str(device)!r} is not a GPU, so no peak and no MFU; {hint}"
+            message = f"mfumon: device {str(device)!r} is not a GPU, so no peak and {no_mfu}; {hint}"
         else:
-            message = f"mfumon: could not name device {device!r}: {ident.problem}; no MFU; {hint}"
+            message = f"mfumon: could not name device {device!r}: {ident.problem}; {no_mfu}; {hint}"
         warnings.warn(message, MfumonWarning, stacklevel=stacklevel)
         return PeakInfo(device=None, dtype=canonical, flops=None, source="")
     row = lookup(ident.name)
@@ -194,12 +196,12 @@ def resolve_peak(
         )
     seen = repr(ident.name) if ident.reported == ident.name else f"{ident.reported!r} (on {ident.name!r})"
     if row is None:
-        message = f"mfumon: unknown device {seen}: no peak, no MFU (mfumon never guesses); {hint}"
+        message = f"mfumon: unknown device {seen}: no peak, {no_mfu} (mfumon never guesses); {hint}"
     elif canonical not in row.tflops:
         have = ", ".join(row.tflops)
-        message = f"mfumon: {row.product} has no published {canonical} peak (it has {have}); no MFU; {hint}"
+        message = f"mfumon: {row.product} has no published {canonical} peak (it has {have}); {no_mfu}; {hint}"
     elif ident.share is None:
-        message = f"mfumon: MIG device {seen}: unknown SM share of the full GPU, no MFU; {hint}"
+        message = f"mfumon: MIG device {seen}: unknown SM share of the full GPU, {no_mfu}; {hint}"
     else:
         flops = row.tflops[canonical] * TERA * ident.share
         return PeakInfo(ident.reported, canonical, flops, row.source, scale=ident.share, product=row.product)
@@ -295,92 +297,3 @@ def _weigh(base: PeakInfo, plan: Precision, *, device: torch.device, nvml: Any, 
         else:
             log.warning(message)
     return replace(out, flops=total / seconds, fallback=fallback)
-
-
-# ---------------------------------------------------------------------------------------------
-# measured ceiling
-# ---------------------------------------------------------------------------------------------
-
-
-def measure_peak_flops(
-    dtype: str | torch.dtype,
-    *,
-    device: torch.device | int | str | None = None,
-    size: int = 8192,
-    iters: int = 20,
-    warmup: int = 5,
-) -> float:
-    """Achieved FLOP/s of back-to-back (size x size) @ (size x size) GEMMs in `dtype` on a CUDA device.
-
-    Raises ConfigError without CUDA or for a dtype torch cannot multiply on this device.
-    """
-    canonical = normalize_dtype(dtype)
-    size = check_int("size", size, "rows and columns of the square GEMM")
-    iters = check_int("iters", iters, "timed GEMMs")
-    warmup = check_int("warmup", warmup, "untimed GEMMs first", minimum=0)
-    if not torch.cuda.is_available():
-        raise ConfigError("measure_peak_flops needs a CUDA (or ROCm) device; this torch sees none")
-    index = cuda_index(device)
-    if index is None:
-        raise ConfigError(f"measure_peak_flops needs a CUDA device, got device={device!r}")
-    dev = torch.device("cuda", index)
-    matmul = _gemm(canonical, size, dev)
-    with _fp32_precision(canonical == "tf32"):
-        for _ in range(warmup):
-            matmul()
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        for _ in range(iters):
-            matmul()
-        end.record()
-        end.synchronize()  # host sync: once, after the timed loop
-    seconds = float(start.elapsed_time(end)) / 1e3
-    return matmul_flops(size, size, size) * iters / seconds
-
-
-def _gemm(dtype: str, size: int, dev: torch.device) -> Any:
-    """A zero-argument callable running one (size x size) GEMM in `dtype`, output preallocated."""
-    gen = torch.Generator(device=dev).manual_seed(0)
-    if dtype in ("fp64", "fp32", "tf32", "bf16", "fp16"):
-        torch_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            dtype, torch.float32
-        )
-        a = torch.randn(size, size, device=dev, dtype=torch_dtype, generator=gen)
-        b = torch.randn(size, size, device=dev, dtype=torch_dtype, generator=gen)
-        out = torch.empty(size, size, device=dev, dtype=torch_dtype)
-        return lambda: torch.mm(a, b, out=out)
-    if dtype == "int8":
-        a8 = torch.randint(-8, 8, (size, size), device=dev, dtype=torch.int8, generator=gen)
-        b8 = torch.randint(-8, 8, (size, size), device=dev, dtype=torch.int8, generator=gen).t()
-        return lambda: torch._int_mm(a8, b8)
-    if dtype == "fp8":
-        e4m3 = torch.float8_e4m3fn
-        a_f8 = torch.randn(size, size, device=dev, generator=gen).to(e4m3)
-        b_f8 = (
-            torch.randn(size, size, device=dev, generator=gen).to(e4m3).t()
-        )  # column-major, as cuBLASLt wants
-        one = torch.ones((), device=dev)
-        return lambda: torch._scaled_mm(a_f8, b_f8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-    timeable = "fp64, fp32, tf32, bf16, fp16, fp8, int8"
-    raise ConfigError(f"measure_peak_flops cannot time {dtype} GEMMs; measure one of {timeable}")
-
-
-@contextlib.contextmanager
-def _fp32_precision(tf32: bool) -> Iterator[None]:
-    """Let fp32 matmuls use TF32 (or not) inside the block; restore the setting after."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 API; mixing it with allow_tf32 makes torch raise
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if tf32 else "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:
-        saved_allow = matmul.allow_tf32
-        matmul.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved_allow

@@ -107,10 +107,12 @@ class Monitor:
         )
         self.device = _device(device, model)
         self._peak_tflops = peak_tflops
+        self._measure_ceiling = bool(measure_ceiling) and self.device.type in ("cuda", "cpu")
         detected = matmul_dtype(model) if dtype is None else normalize_dtype(dtype)
-        peak = resolve_peak(peak_tflops=peak_tflops, dtype=detected, device=self.device)
+        peak = resolve_peak(
+            peak_tflops=peak_tflops, dtype=detected, device=self.device, measured=self._measure_ceiling
+        )
         peak = mixed_peak(peak, self.flops, device=self.device, follow_autocast=dtype is None)
-        self._measure_ceiling = bool(measure_ceiling)
         self.rank = rank_world()[0]
         self.run_name = run_name or default_run_name()
         self.log_dir = Path(log_dir)
@@ -161,7 +163,7 @@ class Monitor:
         rank = self._reducer.join(self.device, self._windows.signature)
         self.rank = self.rank if rank is None else rank
         self._build_loggers()  # here when the rank was not known at construction
-        if self._measure_ceiling and self.device.type == "cuda":
+        if self._measure_ceiling:  # a GPU, or the CPU (the one MFU denominator a CPU has)
             try:
                 self._windows.measured_peak_flops = measure_peak_flops(self.peak.dtype, device=self.device)
             except Exception as exc:

@@ -156,7 +156,14 @@ class Windows:
     def summary(self, last_step: int) -> dict[str, Any]:
         """Whole-run metrics over all timed steps after warm-up, plus run facts."""
         world = self.reducer.world
-        out: dict[str, Any] = dict(window_metrics(self.total, world_size=world, peak_flops=self.peak.flops))
+        out: dict[str, Any] = dict(
+            window_metrics(
+                self.total,
+                world_size=world,
+                peak_flops=self.peak.flops,
+                measured_peak_flops=self.measured_peak_flops,  # whole-run MFU against the measured ceiling
+            )
+        )
         if K.MFU in out:
             out[K.MFU_AVG] = out[K.MFU]
         out.update(

@@ -17,8 +17,14 @@ def _num(x: float) -> str:
 
 
 def format_line(metrics: Mapping[str, float], step: int, *, dtype: str | None = None, note: str = "") -> str:
-    """The stdout line for one window: percent, TFLOP/s, tokens/s and ms."""
+    """The stdout line for one window: percent, TFLOP/s, tokens/s and ms.
+
+    With no datasheet peak, MFU against the measured GEMM ceiling takes MFU's place, labelled so.
+    """
     parts = [f"[mfumon] step {step}" + (f" ({note})" if note else "")]
+    measured_only = K.MFU not in metrics and K.MFU_MEASURED in metrics
+    if measured_only:  # a CPU (or an unknown device) with measure_ceiling=True
+        parts.append(f"MFU {metrics[K.MFU_MEASURED] * 100:.1f}% of measured ceiling")
     if K.MFU in metrics:
         mfu = f"MFU {metrics[K.MFU] * 100:.1f}%"
         if K.HFU in metrics and abs(metrics[K.HFU] - metrics[K.MFU]) > 1e-9:
@@ -35,7 +41,7 @@ def format_line(metrics: Mapping[str, float], step: int, *, dtype: str | None = 
         parts.append(f"{metrics[K.STEP_TIME_MS]:.1f} ms/step")
     if K.MFU_AVG in metrics:
         parts.append(f"avg MFU {metrics[K.MFU_AVG] * 100:.1f}%")
-    if K.MFU_MEASURED in metrics:
+    if K.MFU_MEASURED in metrics and not measured_only:
         parts.append(f"MFU vs measured {metrics[K.MFU_MEASURED] * 100:.1f}%")
     return " | ".join(parts)
 
@@ -59,6 +65,14 @@ class StdoutLogger(Logger):
         device = info.get("device") or "unknown device"
         peak = info.get("peak_tflops")
         peak_txt = f"peak {peak:.4g} TFLOP/s {self._dtype}" if peak else "no peak known (pass peak_tflops=)"
+        ceiling = info.get("measured_peak_tflops")
+        if ceiling and not peak:  # MFU against what this device's GEMMs reach, labelled as such
+            peak_txt = (
+                f"no datasheet peak for {device}: MFU is against the GEMM ceiling measured here, "
+                f"{ceiling:.3g} TFLOP/s {self._dtype} (pass peak_tflops= for a datasheet MFU)"
+            )
+        elif ceiling:
+            peak_txt += f", measured GEMM ceiling {ceiling:.4g}"
         mix = info.get("peak_mix")
         if mix:  # FP8 beside bf16: shown once here; the window lines say "mixed"
             shares = " / ".join(f"{dtype} {share * 100:.0f}%" for dtype, share in mix.items())

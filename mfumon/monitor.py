@@ -22,7 +22,7 @@ from mfumon.distributed import Reducer, initialized, rank_world
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigTypeError, FaultLog, check_int
 from mfumon.flop_model import FlopModel
-from mfumon.hardware import autocast_peak, measure_peak_flops, mixed_peak, resolve_peak
+from mfumon.hardware import autocast_peak, mixed_peak, resolve_peak
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
 from mfumon.steps import Lengths, StepInput, Tokens, check_tokens
 from mfumon.timing import StepTimer
@@ -163,11 +163,8 @@ class Monitor:
         rank = self._reducer.join(self.device, self._windows.signature)
         self.rank = self.rank if rank is None else rank
         self._build_loggers()  # here when the rank was not known at construction
-        if self._measure_ceiling:  # a GPU, or the CPU (the one MFU denominator a CPU has)
-            try:
-                self._windows.measured_peak_flops = measure_peak_flops(self.peak.dtype, device=self.device)
-            except Exception as exc:
-                self._faults.fault("measure_ceiling", exc)
+        if self._measure_ceiling and not self.peak.pending:  # pending: dtype known at the first forward
+            self._windows.measure_ceiling(self.device)
         self._timer.start()
         return self
 
@@ -274,6 +271,10 @@ class Monitor:
         try:
             self._hook.remove()
             self._windows.peak = autocast_peak(self.peak, peak_tflops=self._peak_tflops, device=self.device)
+            if self._measure_ceiling and self._started and self.measured_peak_flops is None:
+                self._timer.pause()  # inside the first step: its time is not the step's
+                self._windows.measure_ceiling(self.device)  # in the dtype the matmuls run in, now known
+                self._timer.start()
         except Exception as exc:
             self._faults.fault("dtype", exc)
 

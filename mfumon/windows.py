@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from mfumon import metrics as K
 from mfumon.distributed import Reducer
 from mfumon.errors import FaultLog
 from mfumon.flop_model import FlopModel
-from mfumon.hardware import PeakInfo
+from mfumon.hardware import PeakInfo, measure_peak_flops
 from mfumon.loggers import LoggerSet
 from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, window_metrics
 from mfumon.timing import StepTimer
@@ -142,6 +144,14 @@ class Windows:
             f"{self.flops.flops_per_token:,}",
             self.device_name,
         )
+
+    def measure_ceiling(self, device: torch.device) -> None:
+        """Time the GEMM ceiling in the peak's dtype (a GPU, or the CPU: the one denominator it has)."""
+        try:
+            with torch.autocast(device.type, enabled=False):
+                self.measured_peak_flops = measure_peak_flops(self.peak.dtype, device=device)
+        except Exception as exc:
+            self._faults.fault("measure_ceiling", exc)
 
     @property
     def signature(self) -> str:

@@ -150,3 +150,18 @@ def test_the_example_on_a_cpu_shows_mfu_against_the_measured_ceiling(tmp_path: P
     assert windows and all(MEASURED.search(line) for line in windows), out
     assert "NumPy" not in out + proc.stderr
     assert (tmp_path / "runs" / "t.jsonl").is_file()
+
+
+def test_the_ceiling_waits_for_the_dtype_the_first_forward_shows() -> None:
+    # Without dtype=, the matmul dtype is known at the first forward (autocast); a ceiling timed at
+    # start() would be the fp32 one and MFU against it far too high under bf16 autocast.
+    model = torch.nn.Linear(64, 64)
+    with pytest.warns(MfumonWarning, match="measured GEMM ceiling instead"):
+        mon = mfumon.Monitor(model, seq_len=8, loggers=(), measure_ceiling=True, self_check=False)
+    mon.start()
+    assert mon.measured_peak_flops is None and mon.peak.dtype == "fp32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(8, 64)).float().sum().backward()
+    assert mon.peak.dtype == "bf16" and mon.measured_peak_flops is not None and mon.measured_peak_flops > 0
+    mon.step(tokens=8)
+    mon.close()

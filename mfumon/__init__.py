@@ -15,6 +15,7 @@ from mfumon.measure import measure_flops
 from mfumon.metrics import METRIC_KEYS
 from mfumon.monitor import Monitor, monitor
 from mfumon.params import ParamCounts, count_params, register_moe
+from mfumon.plotting import plot
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,6 @@ __all__ = [
     "measure_flops",
     "monitor",
     "peak_flops",
+    "plot",
     "register_moe",
 ]

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mfumon.cli import estimate, peak
+from mfumon.cli import plot as plot_cli
 from mfumon.errors import MfumonError
 
 __all__ = ["build_parser", "main"]
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     peak.add_parser(sub)
     estimate.add_parser(sub)
+    plot_cli.add_parser(sub)
     return parser
 
 

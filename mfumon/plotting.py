@@ -31,6 +31,7 @@ __all__ = [
     "load_runs",
     "plot",
     "save",
+    "series_array",
     "title_line",
 ]
 
@@ -94,13 +95,18 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunLog]:
 
 def choose_metrics(runs: Sequence[RunLog], metrics: str | Sequence[str] | None = None) -> list[str]:
     """Full keys to draw; ConfigError for an unknown key, one no run logged, or runs sharing none."""
-    present = [set(run.keys()) for run in runs]
-    union = set().union(*present)
-    if len(runs) > 1 and not set.intersection(*present):
-        names = ", ".join(str(run.path) for run in runs)
-        raise ConfigError(f"{names}: these runs have no metric in common")
+    named = [{k for k in set().union(*run.records) if k.startswith(PREFIX)} for run in runs]
+    union = set().union(*named)
+
+    def logged(key: str, run_index: int) -> bool:  # a number in at least one window
+        return key in named[run_index] and series_array(runs[run_index], key)[0].size > 0
+
+    if len(runs) > 1 and not any(
+        all(logged(key, i) for i in range(len(runs))) for key in set.intersection(*named)
+    ):
+        raise ConfigError(f"{', '.join(str(run.path) for run in runs)}: these runs have no metric in common")
     if metrics is None:
-        chosen = [key for key in DEFAULT_METRICS if key in union]
+        chosen = [key for key in DEFAULT_METRICS if any(logged(key, i) for i in range(len(runs)))]
         return chosen or [key for key in runs[0].keys() if key != K.PEAK_TFLOPS][:4]
     names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
     keys = [name if name.startswith(PREFIX) else PREFIX + name for name in (n.strip() for n in names) if name]
@@ -110,10 +116,24 @@ def choose_metrics(runs: Sequence[RunLog], metrics: str | Sequence[str] | None =
         if key not in union and key not in K.METRIC_KEYS:
             known = ", ".join(k[len(PREFIX) :] for k in sorted(union))
             raise ConfigError(f"unknown metric {key[len(PREFIX) :]!r}: these runs have {known}")
-        if key not in union:
+        if not any(logged(key, i) for i in range(len(runs))):
             why = " (no peak was known, so no utilization was logged)" if key in PERCENT else ""
             raise ConfigError(f"no run logged {key[len(PREFIX) :]!r}{why}")
     return list(dict.fromkeys(keys))
+
+
+def series_array(run: RunLog, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """`run.series(key)` as two numpy float arrays, built in C where every value is a plain number."""
+    import numpy as np
+
+    values = [record.get(key) for record in run.records]
+    if not set(map(type, values)) <= {int, float, type(None)}:  # bools, strings, ...: the careful path
+        steps, numbers = run.series(key)
+        return np.asarray(steps, dtype=float), np.asarray(numbers, dtype=float)
+    y = np.array(values, dtype=float)  # None (key absent) -> NaN
+    keep = np.isfinite(y)
+    x = np.fromiter((record["step"] for record in run.records), dtype=float, count=len(values))
+    return x[keep], y[keep]
 
 
 def line_data(steps: Sequence[int], values: Sequence[float], spacing: float | None = None) -> tuple[Any, Any]:
@@ -224,14 +244,14 @@ def save(figure: Figure, output: str | Path) -> Path:
 
 def _draw_run(ax: Axes, run: RunLog, key: str, *, color: str, label: str) -> None:
     """One run's line on one chart, its warm-up span and its gaps shaded."""
-    steps, values = run.series(key)
-    if not steps:
+    steps, values = series_array(run, key)
+    if not steps.size:
         return
     scale = 100.0 if key in PERCENT else 1.0
-    x, y = line_data(steps, [v * scale for v in values], run.run.get("log_every"))
+    x, y = line_data(steps, values * scale, run.run.get("log_every"))
     gaps = _gap_spans(x)
     x, y = decimate(x, y)
-    ax.plot(x, y, color=color, label=label, linewidth=1.2, marker="o" if len(steps) <= 60 else None, ms=3)
+    ax.plot(x, y, color=color, label=label, linewidth=1.2, marker="o" if steps.size <= 60 else None, ms=3)
     warmup, first = run.run.get("warmup"), run.run.get("initial_step") or 0
     if isinstance(warmup, int) and warmup > 0:
         ax.axvspan(first, first + warmup, color="0.5", alpha=0.15, lw=0, label="warm-up (not logged)")

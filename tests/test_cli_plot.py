@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -235,3 +236,15 @@ def test_decimation_keeps_extremes_and_gaps() -> None:
     at = int(np.flatnonzero(np.isnan(dx))[0])
     assert (dx[at - 1], dx[at + 1]) == (49_999.0, 50_001.0)
     assert dx[0] == 0 and dx[-1] == n - 1
+
+
+@pytest.mark.slow
+def test_the_example_ends_with_how_to_plot_its_run(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_gpt.py"
+    argv = ["--steps", "9", "--log-every", "2", "--batch-size", "2", "--seq-len", "16", "--run-name", "ex"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "MFUMON_PEAK_TFLOPS": "1"}
+    proc = run([sys.executable, str(example), *argv], cwd=tmp_path, env=env, check=True)
+    path = Path("runs") / "ex.jsonl"
+    assert proc.stdout.splitlines()[-1] == f"plot it: mfumon plot {path}"
+    assert main(["plot", str(tmp_path / path)]) == 0  # the run it wrote draws (warm-up 5, windows at 6, 8, 9)
+    assert png_size(tmp_path / "runs" / "ex.png") == (900, 1020)

@@ -183,19 +183,18 @@ def title_line(run: RunLog) -> str:
     device = facts.get("device") or last.get("device") or "unknown device"
     world = facts.get("world_size")
     where = f"{device} x{world}" if world else str(device)
-    peak = facts.get("peak_tflops") or last.get(K.PEAK_TFLOPS)
-    dtype = facts.get("peak_dtype") or last.get("peak_dtype") or ""
+    peak = _positive(facts.get("peak_tflops")) or _positive(last.get(K.PEAK_TFLOPS))
+    dtype = str(facts.get("peak_dtype") or last.get("peak_dtype") or "")
     mix = facts.get("peak_mix") or last.get("peak_mix")
-    if isinstance(mix, dict) and mix:
-        dtype = " / ".join(f"{d} {share * 100:.0f}%" for d, share in mix.items())
-    source = str(facts.get("peak_source") or "")
+    if isinstance(mix, dict) and mix and all(_positive(share) for share in mix.values()):
+        dtype = " / ".join(f"{d} {share * 100:.0f}%" for d, share in mix.items())  # fp8 86% / bf16 14%
     if peak:
         text = f"peak {peak:.4g} TFLOP/s {dtype}".rstrip()
-        if "measured" in source.lower():
+        if "measured" in str(facts.get("peak_source") or "").lower():
             text += " (measured)"
     else:
         text = "no peak known, no MFU"
-        measured = facts.get("measured_peak_tflops")
+        measured = _positive(facts.get("measured_peak_tflops"))
         if measured:
             text += f"; measured GEMM ceiling {measured:.4g} TFLOP/s {dtype}".rstrip()
     return f"{run.label}: {where}, {text}"
@@ -276,6 +275,12 @@ def _gap_spans(x: np.ndarray) -> list[tuple[float, float]]:
     at = np.flatnonzero(np.isnan(x))
     at = at[(at > 0) & (at < x.size - 1)][:MAX_GAP_MARKS]
     return [(x[i - 1], x[i + 1] - x[i - 1]) for i in at if x[i + 1] > x[i - 1]]
+
+
+def _positive(value: Any) -> float | None:
+    """`value` when it is a finite number > 0 (a fact read from a file), else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+    return float(value) if ok else None
 
 
 def _labels(runs: Sequence[RunLog]) -> list[str]:

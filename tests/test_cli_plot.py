@@ -117,6 +117,27 @@ def test_the_title_names_each_run_s_peak_and_dtype(runs: tuple[Path, Path]) -> N
     assert title == f"a: cpu x1, peak 1 TFLOP/s {dtype}\nb: cpu x1, peak 1 TFLOP/s {dtype}"
 
 
+@pytest.mark.parametrize(
+    ("record", "title"),
+    [  # a run with FP8 linears beside bf16 ones; a 0.1 file (no run facts) without a peak; a bad fact
+        (
+            {"run": {"device": "NVIDIA H100 80GB HBM3", "world_size": 8, "peak_tflops": 1500.0,
+                     "peak_dtype": "fp8", "peak_mix": {"fp8": 0.86, "bf16": 0.14}}},
+            "t: NVIDIA H100 80GB HBM3 x8, peak 1500 TFLOP/s fp8 86% / bf16 14%",
+        ),
+        ({"device": "cpu", "peak_dtype": "fp32"}, "t: cpu, no peak known, no MFU"),
+        ({"run": {"peak_tflops": "lots", "measured_peak_tflops": 0.25}, "peak_dtype": "fp32"},
+         "t: unknown device, no peak known, no MFU; measured GEMM ceiling 0.25 TFLOP/s fp32"),
+    ],
+)  # fmt: skip
+def test_the_title_says_the_fp8_mix_or_that_no_peak_was_known(
+    tmp_path: Path, record: dict, title: str
+) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"step": 10, **record, K.TOKENS_PER_S: 100.0}) + "\n")
+    assert mfumon.plot(path).get_suptitle() == title
+
+
 def test_warm_up_and_missing_windows_are_shaded(runs: tuple[Path, Path]) -> None:
     ax = mfumon.plot(list(runs), metrics="mfu").axes[0]
     warm = [p for p in ax.patches if p.get_label() == "warm-up (not logged)"]

@@ -7,6 +7,7 @@ needed, and the caller's pyplot backend and figure list are left alone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "plot",
     "save",
     "series_array",
+    "step_array",
     "title_line",
 ]
 
@@ -98,8 +100,8 @@ def choose_metrics(runs: Sequence[RunLog], metrics: str | Sequence[str] | None =
     named = [{k for k in set().union(*run.records) if k.startswith(PREFIX)} for run in runs]
     union = set().union(*named)
 
-    def logged(key: str, run_index: int) -> bool:  # a number in at least one window
-        return key in named[run_index] and series_array(runs[run_index], key)[0].size > 0
+    def logged(key: str, run_index: int) -> bool:  # a number in at least one window (stops at the first)
+        return key in named[run_index] and any(_number(r.get(key)) for r in runs[run_index].records)
 
     if len(runs) > 1 and not any(
         all(logged(key, i) for i in range(len(runs))) for key in set.intersection(*named)
@@ -122,18 +124,28 @@ def choose_metrics(runs: Sequence[RunLog], metrics: str | Sequence[str] | None =
     return list(dict.fromkeys(keys))
 
 
-def series_array(run: RunLog, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """`run.series(key)` as two numpy float arrays, built in C where every value is a plain number."""
+def series_array(run: RunLog, key: str, *, steps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`run.series(key)` as two numpy float arrays, built in C where every value is a plain number.
+
+    `steps`: every record's step as floats, when the caller already has them (see `step_array`).
+    """
     import numpy as np
 
-    values = [record.get(key) for record in run.records]
+    values = list(map(dict.get, run.records, itertools.repeat(key)))
     if not set(map(type, values)) <= {int, float, type(None)}:  # bools, strings, ...: the careful path
-        steps, numbers = run.series(key)
-        return np.asarray(steps, dtype=float), np.asarray(numbers, dtype=float)
+        numbers = run.series(key)
+        return np.asarray(numbers[0], dtype=float), np.asarray(numbers[1], dtype=float)
     y = np.array(values, dtype=float)  # None (key absent) -> NaN
     keep = np.isfinite(y)
-    x = np.fromiter((record["step"] for record in run.records), dtype=float, count=len(values))
+    x = step_array(run) if steps is None else steps
     return x[keep], y[keep]
+
+
+def step_array(run: RunLog) -> np.ndarray:
+    """Every record's step, as floats."""
+    import numpy as np
+
+    return np.array(list(map(dict.get, run.records, itertools.repeat("step"))), dtype=float)
 
 
 def line_data(steps: Sequence[int], values: Sequence[float], spacing: float | None = None) -> tuple[Any, Any]:
@@ -207,9 +219,10 @@ def draw(runs: Sequence[RunLog], keys: Sequence[str]) -> Figure:
     canvas_cls(figure)  # Agg: renders to memory, no display
     axes = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     labels = _labels(runs)
+    steps = [step_array(run) for run in runs]
     for ax, key in zip(axes, keys, strict=True):
         for index, run in enumerate(runs):
-            _draw_run(ax, run, key, color=f"C{index % 10}", label=labels[index])
+            _draw_run(ax, run, key, steps[index], color=f"C{index % 10}", label=labels[index])
         ax.set_ylabel(AXIS_LABELS.get(key, key[len(PREFIX) :]))
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("optimizer step")
@@ -241,9 +254,9 @@ def save(figure: Figure, output: str | Path) -> Path:
     return path
 
 
-def _draw_run(ax: Axes, run: RunLog, key: str, *, color: str, label: str) -> None:
+def _draw_run(ax: Axes, run: RunLog, key: str, every_step: np.ndarray, *, color: str, label: str) -> None:
     """One run's line on one chart, its warm-up span and its gaps shaded."""
-    steps, values = series_array(run, key)
+    steps, values = series_array(run, key, steps=every_step)
     if not steps.size:
         return
     scale = 100.0 if key in PERCENT else 1.0
@@ -277,10 +290,14 @@ def _gap_spans(x: np.ndarray) -> list[tuple[float, float]]:
     return [(x[i - 1], x[i + 1] - x[i - 1]) for i in at if x[i + 1] > x[i - 1]]
 
 
+def _number(value: Any) -> bool:
+    """Whether a value read from a file is a finite number (not a bool, a string, None, NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value: Any) -> float | None:
     """`value` when it is a finite number > 0 (a fact read from a file), else None."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-    return float(value) if ok else None
+    return float(value) if _number(value) and value > 0 else None
 
 
 def _labels(runs: Sequence[RunLog]) -> list[str]:

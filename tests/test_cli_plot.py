@@ -269,3 +269,12 @@ def test_the_example_ends_with_how_to_plot_its_run(tmp_path: Path) -> None:
     assert proc.stdout.splitlines()[-1] == f"plot it: mfumon plot {path}"
     assert main(["plot", str(tmp_path / path)]) == 0  # the run it wrote draws (warm-up 5, windows at 6, 8, 9)
     assert png_size(tmp_path / "runs" / "ex.png") == (900, 1020)
+
+
+def test_values_that_are_not_finite_numbers_are_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    lines = [{"step": 5, K.MFU: True}, {"step": 10, K.MFU: float("nan")}, {"step": 15, K.MFU: 0.5}]
+    lines += [{"step": 20, K.MFU: "0.4"}, {"step": 25, K.MFU: 0.25}, {"step": 30}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    line = mfumon.plot(path).axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [15, 25] and list(line.get_ydata()) == [50.0, 25.0]

@@ -260,12 +260,12 @@ def _draw_run(ax: Axes, run: RunLog, key: str, every_step: np.ndarray, *, color:
     if not steps.size:
         return
     scale = 100.0 if key in PERCENT else 1.0
-    x, y = line_data(steps, values * scale, run.run.get("log_every"))
+    x, y = line_data(steps, values * scale, _positive(run.run.get("log_every")))
     gaps = _gap_spans(x)
     x, y = decimate(x, y)
     ax.plot(x, y, color=color, label=label, linewidth=1.2, marker="o" if steps.size <= 60 else None, ms=3)
-    warmup, first = run.run.get("warmup"), run.run.get("initial_step") or 0
-    if isinstance(warmup, int) and warmup > 0:
+    warmup, first = _positive(run.run.get("warmup")), _positive(run.run.get("initial_step")) or 0.0
+    if warmup:
         ax.axvspan(first, first + warmup, color="0.5", alpha=0.15, lw=0, label="warm-up (not logged)")
     if gaps:
         ax.broken_barh(

@@ -126,7 +126,8 @@ def test_the_title_names_each_run_s_peak_and_dtype(runs: tuple[Path, Path]) -> N
             "t: NVIDIA H100 80GB HBM3 x8, peak 1500 TFLOP/s fp8 86% / bf16 14%",
         ),
         ({"device": "cpu", "peak_dtype": "fp32"}, "t: cpu, no peak known, no MFU"),
-        ({"run": {"peak_tflops": "lots", "measured_peak_tflops": 0.25}, "peak_dtype": "fp32"},
+        ({"run": {"peak_tflops": "lots", "measured_peak_tflops": 0.25, "warmup": "5", "log_every": None},
+          "peak_dtype": "fp32"},
          "t: unknown device, no peak known, no MFU; measured GEMM ceiling 0.25 TFLOP/s fp32"),
     ],
 )  # fmt: skip

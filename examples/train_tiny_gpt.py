@@ -124,6 +124,7 @@ def main() -> None:
             if step % args.log_every == 0:
                 print(f"step {step:3d}  loss {loss.item():.3f}")  # host sync, only for the printout
     print(f"wrote {mon.log_dir / (mon.run_name + '.jsonl')}")
+    print(f"plot it: mfumon plot {mon.log_dir / (mon.run_name + '.jsonl')}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,49 @@
 """mfumon: live MFU, HFU, TFLOP/s per device, tokens/s and step time for transformer training.
 
-Importing mfumon imports torch and nothing of a training framework; integrations live in
-`mfumon.integrations.lightning` and `mfumon.integrations.transformers`.
+Importing mfumon imports no framework, and not even torch until a name that needs it is used;
+integrations live in `mfumon.integrations.lightning` and `mfumon.integrations.transformers`.
 """
 
 from __future__ import annotations
 
-from mfumon._structure import AttentionShape
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonError, MfumonWarning, MissingDependencyError
-from mfumon.flops import CONVENTIONS, FlopBreakdown, flop_breakdown, flops_per_token
-from mfumon.hardware import peak_flops
-from mfumon.loggers import Logger
-from mfumon.measure import measure_flops
-from mfumon.metrics import METRIC_KEYS
-from mfumon.monitor import Monitor, monitor
-from mfumon.params import ParamCounts, count_params, register_moe
 
 __version__ = "0.1.0"
 
-# public name -> module, imported on first use: the run-file commands need no torch import of their own
-_LAZY = {"compare": "mfumon.comparison", "report": "mfumon.reporting"}
+# public name -> the module that defines it, imported on first use (PEP 562): `import mfumon` stays
+# light, so the run-file commands (plot, report, compare, watch) never import torch.
+_LAZY = {
+    "AttentionShape": "mfumon._structure",
+    "CONVENTIONS": "mfumon.flops",
+    "FlopBreakdown": "mfumon.flops",
+    "flop_breakdown": "mfumon.flops",
+    "flops_per_token": "mfumon.flops",
+    "peak_flops": "mfumon.hardware",
+    "Logger": "mfumon.loggers",
+    "measure_flops": "mfumon.measure",
+    "METRIC_KEYS": "mfumon.metrics",
+    "Monitor": "mfumon.monitor",
+    "monitor": "mfumon.monitor",
+    "ParamCounts": "mfumon.params",
+    "count_params": "mfumon.params",
+    "register_moe": "mfumon.params",
+    "plot": "mfumon.plotting",
+    "compare": "mfumon.comparison",
+    "report": "mfumon.reporting",
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mfumon' has no attribute {name!r}")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later lookups are plain attribute reads
+        return value
+    try:  # a submodule not imported yet (mfumon.hardware, ...), as an eager package would have it
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'mfumon' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:
@@ -54,6 +70,7 @@ __all__ = [
     "measure_flops",
     "monitor",
     "peak_flops",
+    "plot",
     "register_moe",
     "report",
 ]

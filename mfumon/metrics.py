@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mfumon.timing import StepRecord
+if TYPE_CHECKING:  # the metric keys are read by the run-file commands, which import no torch
+    from mfumon.timing import StepRecord
 
 __all__ = [
     "HFU",

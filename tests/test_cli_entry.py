@@ -76,3 +76,32 @@ def test_estimate_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr  # no traceback
     assert lines[0].startswith("mfumon estimate: --config: cannot read ") and "missing.json" in lines[0]
+
+
+def test_run_file_commands_never_import_torch(tmp_path: Path) -> None:
+    # plot, report, compare and watch read JSONL: importing torch (seconds) would be their whole
+    # start-up cost; `import mfumon` is lazy so they start at once.
+    run_file = tmp_path / "r.jsonl"
+    facts = {"device": "cpu", "peak_tflops": 1.0, "peak_dtype": "fp32", "warmup": 0, "log_every": 1}
+    lines = [
+        {"step": s, "time": float(s), "run": facts} if s == 1 else {"step": s, "time": float(s)}
+        for s in (1, 2)
+    ]
+    for line in lines:
+        line.update({"mfumon/mfu": 0.1, "mfumon/tokens_per_s": 100.0, "mfumon/step_time_ms": 10.0})
+    run_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    commands = [
+        ["compare", str(run_file), str(run_file)],
+        ["watch", str(run_file), "--once"],
+        ["report", str(run_file), "-o", str(tmp_path / "r.html")],
+        ["plot", str(run_file), "-o", str(tmp_path / "r.png")],
+    ]
+    probe = (
+        "import sys, json\nfrom mfumon.cli import main\n"
+        "codes = [main(c) for c in json.loads(sys.argv[1])]\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))"
+    )
+    out = run([sys.executable, "-c", probe, json.dumps(commands)])
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0, 0, 0, 0], "torch": False}

@@ -27,7 +27,7 @@ from mfumon.flops import CONVENTIONS
 from mfumon.hardware import peak_override_flops
 from mfumon.integrations.batches import batch_shapes, batch_tokens, config_seq_len
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
-from mfumon.monitor import DEFAULT_WARMUP, Monitor, Tokens, default_run_name
+from mfumon.monitoring import DEFAULT_WARMUP, Monitor, Tokens, default_run_name
 from mfumon.recompute import check_recompute
 
 __all__ = ["CallbackCore", "CallbackOptions", "LoggerSpec"]

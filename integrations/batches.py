@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfumon.monitor import Tokens
+from mfumon.monitoring import Tokens
 from mfumon.steps import doc_lengths_from_cu_seqlens, doc_lengths_from_positions
 
 __all__ = ["batch_shapes", "batch_tokens", "config_seq_len"]

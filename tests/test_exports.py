@@ -24,3 +24,20 @@ def test_engine_imports_no_framework() -> None:
     )
     out = run([sys.executable, "-c", code], check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_public_names_stay_what_they_are_after_every_submodule_is_imported() -> None:
+    # `import mfumon` is lazy: a submodule imported later binds its name on the package, so no
+    # public name may share a submodule's name (mfumon.monitor once did: the function became a module).
+    import importlib
+    import pkgutil
+    import types
+
+    import mfumon
+
+    for info in pkgutil.iter_modules(mfumon.__path__):
+        if info.name not in ("__main__", "integrations"):
+            importlib.import_module(f"mfumon.{info.name}")
+    for name in mfumon.__all__:
+        assert not isinstance(getattr(mfumon, name), types.ModuleType), name
+    assert callable(mfumon.monitor) and mfumon.monitor.__module__ == "mfumon.monitoring"

@@ -30,7 +30,7 @@ def test_no_module_imports_another_modules_private_names() -> None:
 
 
 def test_monitor_class_is_a_room_not_a_house() -> None:
-    tree = ast.parse((ROOT / "mfumon" / "monitor.py").read_text())
+    tree = ast.parse((ROOT / "mfumon" / "monitoring.py").read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Monitor"]
     assert cls.end_lineno is not None
     assert cls.end_lineno - cls.lineno + 1 < 250  # its parts: FlopModel, Reducer, Windows

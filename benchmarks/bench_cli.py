@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +91,29 @@ def bench_plot(path: Path, out_dir: Path) -> None:
     assert code == 0, f"mfumon plot exited with {code}"
 
 
-BENCHES: dict[str, Callable[[Path, Path], None]] = {"plot": bench_plot}
+def bench_report(path: Path, out_dir: Path) -> None:
+    """`mfumon report RUN.jsonl -o out.html`: the self-contained page."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["report", str(path), "-o", str(out_dir / "report.html")])
+    assert code == 0, f"mfumon report exited with {code}"
+
+
+def bench_compare(path: Path, out_dir: Path) -> None:
+    """`mfumon compare RUN.jsonl RUN.jsonl`: the gate on the run against itself."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["compare", str(path), str(path)])
+    assert code == 0, f"mfumon compare exited with {code}"
+
+
+BENCHES: dict[str, Callable[[Path, Path], None]] = {
+    "plot": bench_plot,
+    "report": bench_report,
+    "compare": bench_compare,
+}
+END_TO_END = {  # a fresh `python -m mfumon ...` each: interpreter start and imports included
+    "plot": ["plot", "{path}", "-o", "{out}/plot.png"],
+    "report": ["report", "{path}", "-o", "{out}/report.html"],
+}
 
 
 def timed(fn: Callable[[Path, Path], None], path: Path, out_dir: Path, repeat: int) -> list[float]:
@@ -123,6 +146,13 @@ def run() -> None:
             median = statistics.median(rest) if rest else first
             runs = ", ".join(f"{s:.2f}" for s in rest)
             print(f"mfumon {name}: first {first:.2f} s (with imports), then {runs} s: median {median:.2f} s")
+        for name, argv in END_TO_END.items():
+            if args.only and name != args.only:
+                continue
+            command = [sys.executable, "-m", "mfumon", *(a.format(path=path, out=out_dir) for a in argv)]
+            t0 = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            print(f"python -m mfumon {name}, a fresh process: {time.perf_counter() - t0:.2f} s")
 
 
 if __name__ == "__main__":

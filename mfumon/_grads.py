@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mfumon._probe import run_probed
 from mfumon._structure import attention_shape
 from mfumon._walk import all_params, full_shape, has_head_attrs, named_modules, own_params
 from mfumon.errors import ConfigError, ConfigTypeError
@@ -342,15 +343,7 @@ def observe_grads(model: nn.Module, step_fn: Callable[[], Any]) -> ObservedGrads
     Pass the result as ``flop_breakdown(model, seq_len, grads=...)`` (the Monitor does this on its own
     at the first step of a model with frozen parameters).
     """
-    if not callable(step_fn):
-        raise ConfigTypeError(
-            f"step_fn must be a function that runs one training step, got {type(step_fn).__name__}"
-        )
-    probe = GradProbe(model)
-    try:
-        step_fn()
-    finally:
-        probe.remove()
+    probe = run_probed(lambda: GradProbe(model), step_fn)
     observed = probe.result()
     if observed is None:
         raise ConfigError(

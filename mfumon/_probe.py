@@ -16,7 +16,7 @@ from mfumon._checkpoints import CheckpointPlan, ObservedRecompute, Rerun, find_p
 from mfumon._walk import full_shape, has_head_attrs, named_modules, own_params
 from mfumon.errors import ConfigTypeError
 
-__all__ = ["RecomputeProbe"]
+__all__ = ["RecomputeProbe", "run_probed"]
 
 
 def _in_backward() -> bool:
@@ -229,3 +229,17 @@ def _one_matmul(m: nn.Module) -> bool:
     it runs, so early stop stops before it."""
     dims = sorted(len(full_shape(p)) for p in own_params(m))
     return dims in ([2], [1, 2])
+
+
+def run_probed(make_probe: Any, step_fn: Any) -> Any:
+    """Build a probe (`make_probe()`), run one training step (`step_fn()`) under it, take its hooks off."""
+    if not callable(step_fn):
+        raise ConfigTypeError(
+            f"step_fn must be a function that runs one training step, got {type(step_fn).__name__}"
+        )
+    probe = make_probe()
+    try:
+        step_fn()
+    finally:
+        probe.remove()
+    return probe

@@ -50,7 +50,7 @@ from mfumon._checkpoints import (
     Rerun,
     find_plan,
 )
-from mfumon._probe import RecomputeProbe
+from mfumon._probe import RecomputeProbe, run_probed
 from mfumon._walk import named_modules
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
 
@@ -153,15 +153,7 @@ def observe_recompute(model: nn.Module, step_fn: Callable[[], Any]) -> ObservedR
     Pass the result as ``flop_breakdown(model, seq_len, recompute=...)``: its ``.recompute`` is then
     what the step re-ran, early stop included (the Monitor does this on its own at the first step).
     """
-    if not callable(step_fn):
-        raise ConfigTypeError(
-            f"step_fn must be a function that runs one training step, got {type(step_fn).__name__}"
-        )
-    probe = RecomputeProbe(model)
-    try:
-        step_fn()
-    finally:
-        probe.remove()
+    probe = run_probed(lambda: RecomputeProbe(model), step_fn)
     observed = probe.result()
     if observed is None:
         if probe.plan.modules:

@@ -24,7 +24,6 @@ __all__ = [
     "Drop",
     "ReportError",
     "build",
-    "columns",
     "decimate",
     "report",
     "waterfall",
@@ -122,7 +121,7 @@ def write_report(run: RunLog, output: str | Path) -> Path:
 
 def build(run: RunLog) -> dict[str, Any]:
     """Everything the page shows, as plain data (also embedded in the page as JSON)."""
-    full = columns(run)
+    full = run.columns()
     series: dict[str, dict[str, list[float]]] = {}
     decimated = False
     for key, (steps, values) in full.items():
@@ -154,19 +153,6 @@ def build(run: RunLog) -> dict[str, Any]:
         "profile_step": profile_step,
         "waterfall": waterfall(run, full, summary, profile),
     }
-
-
-def columns(run: RunLog) -> Series:
-    """Every metric's (steps, values), as `{k: run.series(k) for k in run.keys()}` gives, in one pass."""
-    out: Series = {}
-    for record in run.records:
-        step = record["step"]
-        for key, value in record.items():
-            if key.startswith(PREFIX) and type(value) in (float, int) and math.isfinite(value):
-                steps, values = out.setdefault(key, ([], []))
-                steps.append(step)
-                values.append(float(value))
-    return out
 
 
 def decimate(steps: list[int], values: list[float], limit: int) -> tuple[list[int], list[float]]:

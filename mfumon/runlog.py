@@ -34,24 +34,41 @@ class RunLog:
     run: dict[str, Any] = field(default_factory=dict)  # facts from the first line ({} for 0.1 files)
     summary: dict[str, Any] | None = None  # <stem>.summary.json, once the run closed
     notes: list[str] = field(default_factory=list)  # what was skipped, said once by the commands
+    _columns: dict[str, tuple[list[int], list[float]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def label(self) -> str:
         """The run's name: its file name without the extension."""
         return self.path.stem
 
+    def columns(self) -> dict[str, tuple[list[int], list[float]]]:
+        """Every metric key's (steps, values) over the windows that have it, first-seen key order.
+
+        Read in one pass over the windows and kept: `keys()` and `series()` are views of it.
+        """
+        if self._columns is None:
+            out: dict[str, tuple[list[int], list[float]]] = {}
+            for record in self.records:
+                step = record["step"]
+                for key, value in record.items():
+                    if key.startswith(PREFIX) and _number(value):
+                        steps, values = out.setdefault(key, ([], []))
+                        steps.append(step)
+                        values.append(float(value))
+            self._columns = out
+        return self._columns
+
     def keys(self) -> list[str]:
         """Metric keys present in at least one window (`mfumon/...`), in first-seen order."""
-        seen: dict[str, None] = {}
-        for record in self.records:
-            seen.update((k, None) for k, v in record.items() if k.startswith(PREFIX) and _number(v))
-        return list(seen)
+        return list(self.columns())
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one metric key over the windows that have it."""
         key = key if key.startswith(PREFIX) else PREFIX + key
-        pairs = [(r["step"], float(r[key])) for r in self.records if _number(r.get(key))]
-        return [s for s, _ in pairs], [v for _, v in pairs]
+        steps, values = self.columns().get(key, ([], []))
+        return list(steps), list(values)
 
     def latest(self, key: str) -> float | None:
         """The last window's value of `key`, None when no window has it."""

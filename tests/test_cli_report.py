@@ -17,7 +17,7 @@ from torch import nn
 
 import mfumon
 from mfumon.cli import main
-from mfumon.reporting import columns, decimate
+from mfumon.reporting import decimate
 from mfumon.runlog import read_run
 from tests.tiny_models import HIDDEN, HandLM, token_batch
 
@@ -127,7 +127,7 @@ def test_a_real_run_becomes_one_self_contained_page(
     embedded = page.data["series"]
     assert set(embedded) == keys
     run = read_run(path)
-    assert columns(run) == {k: run.series(k) for k in run.keys()}  # the one-pass read agrees with runlog
+    assert run.columns() == {k: run.series(k) for k in run.keys()}  # the one-pass read agrees with runlog
     for key in keys:
         assert embedded[key] == {"steps": [r["step"] for r in written], "values": [r[key] for r in written]}
 

@@ -120,6 +120,9 @@ class _Gate(Logger):
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self._call("log", metrics, step)
 
+    def log_details(self, details: Mapping[str, Any], step: int) -> None:
+        self._call("log_details", details, step)
+
     def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
         self._call("log_warmup", metrics, step, warmup)
 

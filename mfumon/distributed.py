@@ -6,6 +6,8 @@ gloo group where the job's backend is another, so it never queues behind GPU wor
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from datetime import timedelta
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from mfumon.errors import FaultLog
+from mfumon.ledger import combine_stats
 from mfumon.metrics import EMPTY_WINDOW, Window, combine_ranks
 
 __all__ = ["Reducer", "all_ranks_agree", "initialized", "rank_world"]
@@ -165,22 +168,28 @@ class Reducer:
             self._faults.fault("distributed", exc)
             return None
 
-    def reduce(self, warm: Window, meas: Window) -> tuple[Window, Window]:
-        """Global warm-up and measured windows: tokens and FLOPs summed, time of the slowest rank."""
+    def reduce(
+        self, warm: Window, meas: Window, stats: list[float] | None = None, ops: tuple[str, ...] = ()
+    ) -> tuple[Window, Window, list[float]]:
+        """Global warm-up and measured windows (tokens and FLOPs summed, time of the slowest rank)
+        and the ledger's `stats` combined over ranks by `ops` (see `mfumon.ledger`)."""
+        stats = list(stats or ())
         if self._store is not None:
             self._decide()
         if self.world == 1:
-            return warm, meas
+            return warm, meas, stats
         try:
-            rows = self._gather([_fields(warm), _fields(meas)])
+            width = len(_fields(warm))
+            rows = [r[0] for r in self._gather([_fields(warm) + _fields(meas) + stats])]
             return (
-                combine_ranks([Window(*r[0]) for r in rows], self.world),
-                combine_ranks([Window(*r[1]) for r in rows], self.world),
+                combine_ranks([Window(*r[:width]) for r in rows], self.world),
+                combine_ranks([Window(*r[width : 2 * width]) for r in rows], self.world),
+                combine_stats(ops, [r[2 * width :] for r in rows]),
             )
         except Exception as exc:
             self._faults.fault("distributed", exc)
-            return EMPTY_WINDOW, EMPTY_WINDOW
+            return EMPTY_WINDOW, EMPTY_WINDOW, [math.nan] * len(stats)
 
 
 def _fields(w: Window) -> list[float]:
-    return [float(w.steps), w.tokens, w.model_flops, w.hardware_flops, w.seconds]
+    return [float(v) for v in dataclasses.astuple(w)]

@@ -7,6 +7,7 @@ at the boundary to the loggers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +44,24 @@ STEP_TIME_MS = "mfumon/step_time_ms"
 PEAK_TFLOPS = "mfumon/peak_tflops"
 MFU_AVG = "mfumon/mfu_avg"
 MFU_MEASURED = "mfumon/mfu_measured"
+# Where the time goes (the ledger): each is left out of a window where it cannot be measured.
+GOODPUT = "mfumon/goodput"
+MFU_WALL = "mfumon/mfu_wall"
+INPUT_WAIT_FRAC = "mfumon/input_wait_frac"
+STEP_TIME_MAX_MS = "mfumon/step_time_max_ms"
+STEP_TIME_MIN_MS = "mfumon/step_time_min_ms"
+SLOWEST_RANK = "mfumon/slowest_rank"
+INPUT_WAIT_MAX_FRAC = "mfumon/input_wait_max_frac"
+INPUT_WAIT_MAX_RANK = "mfumon/input_wait_max_rank"
+SM_CLOCK_MHZ = "mfumon/sm_clock_mhz"
+POWER_W = "mfumon/power_w"
+JOULES_PER_TOKEN = "mfumon/joules_per_token"
+MEM_PEAK_GIB = "mfumon/mem_peak_gib"
+MEM_RESERVED_GIB = "mfumon/mem_reserved_gib"
+MEM_ALLOC_RETRIES = "mfumon/mem_alloc_retries"
+MEM_OOMS = "mfumon/mem_ooms"
+EXPERT_LOAD_MAX = "mfumon/expert_load_max"
+EXPERTS_IDLE = "mfumon/experts_idle"
 
 #: Every key a logger can receive, with its meaning (the README table mirrors this).
 METRIC_KEYS: dict[str, str] = {
@@ -56,6 +75,23 @@ METRIC_KEYS: dict[str, str] = {
     PEAK_TFLOPS: "per-device dense peak TFLOP/s used as the MFU denominator (its dtype: `peak_dtype`)",
     MFU_AVG: "whole-run MFU so far, warm-up excluded",
     MFU_MEASURED: "MFU against the measured GEMM ceiling, not the datasheet (with measure_ceiling=True)",
+    GOODPUT: "fraction of the wall time since the previous log spent inside timed training steps",
+    MFU_WALL: "model FLOPs over wall time (paused time and gaps included) / (devices x peak)",
+    INPUT_WAIT_FRAC: "fraction of step time from the end of one step to the first forward of the next",
+    STEP_TIME_MAX_MS: "the slowest rank's mean step time over the window, in ms (2+ ranks)",
+    STEP_TIME_MIN_MS: "the fastest rank's mean step time over the window, in ms (2+ ranks)",
+    SLOWEST_RANK: "the rank with the largest mean step time in the window (2+ ranks)",
+    INPUT_WAIT_MAX_FRAC: "the largest input-wait fraction of any rank in the window (2+ ranks)",
+    INPUT_WAIT_MAX_RANK: "the rank with that largest input-wait fraction (2+ ranks)",
+    SM_CLOCK_MHZ: "SM clock from NVML at log time, in MHz (lowest over ranks)",
+    POWER_W: "board power from NVML over the window, in W per device (mean over ranks)",
+    JOULES_PER_TOKEN: "device energy over the window (NVML energy counter, all ranks) per token",
+    MEM_PEAK_GIB: "the allocator's peak allocated memory in the window, GiB, max over ranks",
+    MEM_RESERVED_GIB: "memory reserved by the caching allocator at log time, GiB, max over ranks",
+    MEM_ALLOC_RETRIES: "allocator retries (cudaMalloc failed, caches flushed) in the window, all ranks",
+    MEM_OOMS: "out-of-memory errors the allocator raised in the window, all ranks",
+    EXPERT_LOAD_MAX: "MoE: max over layers of (max tokens per expert / mean) in the window; 1.0 is balance",
+    EXPERTS_IDLE: "MoE: experts (over all MoE layers) that got no token in the window",
 }
 
 
@@ -67,15 +103,15 @@ class Window:
     tokens: float  # tokens processed by all ranks
     model_flops: float  # model FLOPs of all ranks (MFU numerator)
     hardware_flops: float  # model FLOPs plus recompute, all ranks (HFU numerator)
-    seconds: float  # wall time of the window on the device timeline, slowest rank
+    seconds: float  # time inside the window's steps on the device timeline, slowest rank
+    # Where the time goes; 0.0 where not measured:
+    wall: float = 0.0  # wall time the steps span, paused time and gaps included (slowest rank)
+    input_wait: float = 0.0  # seconds from step starts to first forwards, in steps where measured
+    waited: float = 0.0  # step seconds of the steps whose input wait was measured
 
     def __add__(self, other: Window) -> Window:
         return Window(
-            self.steps + other.steps,
-            self.tokens + other.tokens,
-            self.model_flops + other.model_flops,
-            self.hardware_flops + other.hardware_flops,
-            self.seconds + other.seconds,
+            *(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True))
         )
 
 
@@ -111,6 +147,14 @@ def window_metrics(
         out[PEAK_TFLOPS] = peak_flops / 1e12
     if measured_peak_flops is not None:
         out[MFU_MEASURED] = utilization(window.model_flops, window.seconds, world_size, measured_peak_flops)
+    if window.wall > 0.0 and math.isfinite(window.wall):
+        out[GOODPUT] = min(window.seconds / window.wall, 1.0)  # the clocks of spans and steps differ by ns
+        if peak_flops is not None:
+            out[MFU_WALL] = utilization(
+                window.model_flops, max(window.wall, window.seconds), world_size, peak_flops
+            )
+    if window.waited > 0.0:
+        out[INPUT_WAIT_FRAC] = window.input_wait / window.waited
     return out
 
 
@@ -131,9 +175,20 @@ def combine_ranks(windows: list[Window], world_size: int) -> Window:
     def per_step_sum(attr: str) -> float:
         return sum(getattr(w, attr) / w.steps for w in present) * scale * steps
 
-    seconds = max(w.seconds / w.steps for w in present) * steps
+    def slowest(attr: str) -> float:
+        return max(getattr(w, attr) / w.steps for w in present) * steps
+
+    # Input wait: the ranks' waits and waited seconds summed, so their ratio is the time-weighted
+    # mean fraction over ranks (the largest single rank's is the per-rank view's).
     return Window(
-        steps, per_step_sum("tokens"), per_step_sum("model_flops"), per_step_sum("hardware_flops"), seconds
+        steps,
+        per_step_sum("tokens"),
+        per_step_sum("model_flops"),
+        per_step_sum("hardware_flops"),
+        slowest("seconds"),
+        slowest("wall"),
+        sum(w.input_wait for w in present),
+        sum(w.waited for w in present),
     )
 
 
@@ -144,16 +199,21 @@ def split_windows(
 
     A step's model FLOPs are tokens x flops_per_token plus its `extra_flops` (its own shapes); its
     hardware FLOPs scale with them: tokens x hw_flops_per_token plus extra x hw / model per token
-    (the setup's recompute share). Steps that started while paused (no time) belong to neither.
+    (the setup's recompute share). Steps that started while paused (no time) belong to neither,
+    except for their span: every step's span counts in its window's wall time.
     Left out and returned: steps whose token count is not a whole number >= 0 (NaN, negative,
     fractional: a tensor count is only checked here), then steps with a non-positive or non-finite
     time.
     """
-    sums = [[0, 0.0, 0.0, 0.0], [0, 0.0, 0.0, 0.0]]  # warm-up, measured: [steps, tokens, seconds, extra]
+    # warm-up, measured: [steps, tokens, seconds, extra, wall, input wait, waited seconds]
+    sums = [[0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
     bad_tokens: list[StepRecord] = []
     bad_times: list[StepRecord] = []
     for record in records:
-        index, seconds, tokens, extra = record
+        index, seconds, tokens, extra, span, wait = record
+        acc = sums[index > warmup]
+        if span is not None and span > 0.0 and math.isfinite(span):
+            acc[4] += span
         if seconds is None:
             continue  # started while paused: not timed
         if not (tokens >= 0 and tokens.is_integer()):  # NaN and infinities are no integers
@@ -162,14 +222,25 @@ def split_windows(
         if not (seconds > 0.0 and math.isfinite(seconds)):
             bad_times.append(record)
             continue
-        acc = sums[index > warmup]
         acc[0] += 1
         acc[1] += tokens
         acc[2] += seconds
         acc[3] += extra
+        if wait is not None:
+            acc[5] += wait
+            acc[6] += seconds
     hw_share = hw_flops_per_token / flops_per_token
     warm, meas = (
-        Window(int(n), tok, tok * flops_per_token + ex, tok * hw_flops_per_token + ex * hw_share, sec)
-        for n, tok, sec, ex in sums
+        Window(
+            int(n),
+            tok,
+            tok * flops_per_token + ex,
+            tok * hw_flops_per_token + ex * hw_share,
+            sec,
+            wall,
+            wait,
+            waited,
+        )
+        for n, tok, sec, ex, wall, wait, waited in sums
     )
     return warm, meas, bad_tokens, bad_times

@@ -7,6 +7,7 @@ interval: resolved windows, reduced across ranks once (`Reducer`) -> loggers.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigTypeError, FaultLog, check_int
 from mfumon.flop_model import FlopModel
 from mfumon.hardware import autocast_peak, mixed_peak, resolve_peak
+from mfumon.ledger import Ledger, Source
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
 from mfumon.steps import Lengths, StepInput, Tokens, check_tokens
 from mfumon.timing import StepTimer
@@ -62,6 +64,8 @@ class Monitor:
         measure_ceiling: also time a large GEMM at start and log `mfumon/mfu_measured` against it.
         initial_step: optimizer steps done before (a resumed run): its steps count on from there.
         self_check: trace one step on fake tensors at setup; warn if the count misses a part.
+        device_stats: sample SM clock, power and energy (NVML) and allocator memory at log time.
+        expert_load: MoE models: count tokens per expert from the routers' own top-k (on the device).
     """
 
     def __init__(
@@ -85,6 +89,8 @@ class Monitor:
         measure_ceiling: bool = False,
         initial_step: int = 0,
         self_check: bool = True,
+        device_stats: bool = True,
+        expert_load: bool = True,
     ) -> None:
         self._log_every = check_int("log_every", log_every, "optimizer steps per log")
         self._warmup = check_int("warmup", warmup, "steps excluded from averages", minimum=0)
@@ -118,6 +124,7 @@ class Monitor:
         self.log_dir = Path(log_dir)
         self._timer = StepTimer(self.device)
         self._reducer = Reducer(self._faults)
+        sources = _sources(model, self.device, device_stats, expert_load, self._faults)
         self._windows = Windows(
             timer=self._timer,
             reducer=self._reducer,
@@ -128,6 +135,7 @@ class Monitor:
             device_type=self.device.type,
             faults=self._faults,
             first_step=self._step,
+            ledger=Ledger(sources, self._faults),
         )
         if initialized() or "RANK" in os.environ:
             self._build_loggers()  # the rank is known: file and W&B setup errors surface here
@@ -135,7 +143,8 @@ class Monitor:
         self._started = self._closed = False
         self._hook: Any = None  # one-shot: the autocast dtype at the first forward
         if model is not None and peak.pending:  # the autocast dtype, Transformer Engine's FP8
-            self._hook = model.register_forward_pre_hook(self._detect_autocast)
+            self._hook = model.register_forward_pre_hook(functools.partial(_detect_autocast, self))
+        self._input_hooks = _watch_first_forward(model, self._timer)  # input wait: one mark per step
         self.flops.watch_first_step()  # hooks go on last: nothing after them can fail
 
     seq_len = property(lambda self: self.flops.seq_len, doc="Tokens per sequence (None if not given).")
@@ -187,6 +196,8 @@ class Monitor:
         self._closed = True
         if self._hook is not None:
             self._hook.remove()
+        for hook in self._input_hooks:
+            hook.remove()
         self.flops.close()
         self._windows.finish(self._step, started=self._started, failed=failed)
 
@@ -266,17 +277,47 @@ class Monitor:
         except Exception as exc:
             self._faults.fault(kind, exc)
 
-    def _detect_autocast(self, module: nn.Module, args: Any) -> None:
-        """One-shot forward pre-hook: the matmul dtype is the autocast dtype when autocast is on."""
-        try:
-            self._hook.remove()
-            self._windows.peak = autocast_peak(self.peak, peak_tflops=self._peak_tflops, device=self.device)
-            if self._measure_ceiling and self._started and self.measured_peak_flops is None:
-                self._timer.pause()  # inside the first step: its time is not the step's
-                self._windows.measure_ceiling(self.device)  # in the dtype the matmuls run in, now known
-                self._timer.start()
-        except Exception as exc:
-            self._faults.fault("dtype", exc)
+
+def _detect_autocast(mon: Monitor, module: nn.Module, args: Any) -> None:
+    """One-shot forward pre-hook: the matmul dtype is the autocast dtype when autocast is on."""
+    try:
+        mon._hook.remove()
+        mon._windows.peak = autocast_peak(mon.peak, peak_tflops=mon._peak_tflops, device=mon.device)
+        if mon._measure_ceiling and mon._started and mon.measured_peak_flops is None:
+            mon._timer.pause()  # inside the first step: its time is not the step's
+            mon._windows.measure_ceiling(mon.device)  # in the dtype the matmuls run in, now known
+            mon._timer.start()
+    except Exception as exc:
+        mon._faults.fault("dtype", exc)
+
+
+def _watch_first_forward(model: nn.Module | None, timer: StepTimer) -> list[Any]:
+    """Forward pre-hooks marking each step's first forward (its input wait ends there).
+
+    On the root and its direct children: a Lightning module's training_step often calls a child,
+    not itself. A hook costs one flag check per call; only the first call of a step records a mark.
+    """
+    if model is None:
+        return []
+    return [m.register_forward_pre_hook(timer.forward_pre_hook) for m in (model, *model.children())]
+
+
+def _sources(
+    model: nn.Module | None, device: torch.device, device_stats: bool, expert_load: bool, faults: FaultLog
+) -> list[Source]:
+    """The ledger's log-time sources for this run (each finds out at setup whether it can measure)."""
+    found: list[Source] = []
+    if device_stats:
+        from mfumon.health import device_sources
+
+        found += device_sources(device, faults)
+    if expert_load and model is not None:
+        from mfumon.expert_load import expert_load_source
+
+        source = expert_load_source(model, faults)
+        if source is not None:
+            found.append(source)
+    return found
 
 
 def default_run_name() -> str:

@@ -27,26 +27,43 @@ class StepRecord(NamedTuple):
     """One resolved optimizer step: its 1-based index, device seconds (None if untimed) and tokens.
 
     `extra_flops`: model FLOPs beyond tokens x flops_per_token, from the step's own shapes (0: none).
+    `span`: seconds from the end of the previous step (or `start()`) to its end, paused time
+    included (None when unknown). `input_wait`: seconds from its start to its first forward (data
+    loading, host work), None when not measured (no forward seen, or a pause inside the step).
     """
 
     index: int
     seconds: float | None
     tokens: float
     extra_flops: float = 0.0
+    span: float | None = None
+    input_wait: float | None = None
 
 
 class _Recorded:
     """One recorded step, waiting for the device to finish it."""
 
-    __slots__ = ("banked", "end", "extra", "index", "start", "tokens")
+    __slots__ = ("banked", "end", "extra", "forward", "index", "previous", "start", "tokens")
 
-    def __init__(self, index: int, start: Any, end: Any, tokens: Any, banked: Any, extra: Any) -> None:
+    def __init__(
+        self,
+        index: int,
+        start: Any,
+        end: Any,
+        tokens: Any,
+        banked: Any,
+        extra: Any,
+        previous: Any,
+        forward: Any,
+    ) -> None:
         self.index = index
         self.start = start  # mark at which it began or last resumed; None when it ended while paused
         self.end = end
         self.tokens = tokens  # int/float, or a pinned 0-d CPU tensor filled asynchronously
         self.banked = banked  # (start, pause) spans it ran before pauses, usually none
         self.extra = extra  # None, a number, or a pinned 0-d CPU tensor, like tokens
+        self.previous = previous  # the previous step's end (or the first start()): its span starts here
+        self.forward = forward  # mark at its first forward, None if none was seen
 
 
 class StepTimer:
@@ -60,6 +77,8 @@ class StepTimer:
         self.cuda = device.type == "cuda"
         self._pending: deque[_Recorded] = deque()
         self._last: Any = None  # mark the next step starts from; None while paused
+        self._previous: Any = None  # the last step's end (or the first start()): spans chain from it
+        self._forward: Any = None  # mark at the first forward of the step in progress
         self._banked: list[tuple[Any, Any]] = []  # spans of the step in progress before a pause
         self._free_events: list[torch.cuda.Event] = []
         self._free_slots: list[torch.Tensor] = []
@@ -81,7 +100,7 @@ class StepTimer:
         return start.elapsed_time(end) / 1e3  # both events have completed: no host sync
 
     def _release(self, mark: Any) -> None:
-        if self.cuda and mark is not None and mark is not self._last:
+        if self.cuda and mark is not None and mark is not self._last and mark is not self._previous:
             self._free_events.append(mark)
 
     # -- public --------------------------------------------------------------------------------
@@ -89,6 +108,19 @@ class StepTimer:
         """Start (or resume) timing: the next step is measured from here."""
         if self._last is None:
             self._last = self._mark()
+            if self._previous is None:
+                self._previous = self._last
+
+    def forward_pre_hook(self, module: Any, args: Any) -> None:
+        """`mark_forward` as a forward pre-hook (the monitor puts it on the model's root and children)."""
+        self.mark_forward()
+
+    def mark_forward(self) -> None:
+        """Mark the first forward of the step in progress (a forward pre-hook calls it); the time
+        from the step's start to here is its input wait. Later forwards, and forwards while paused
+        (evaluation), record nothing: a flag check and no mark."""
+        if self._forward is None and self._last is not None and not self._banked:
+            self._forward = self._mark()
 
     def pause(self) -> None:
         """Stop timing until `start()`; time in between (e.g. evaluation) belongs to no step.
@@ -118,8 +150,11 @@ class StepTimer:
         banked: Any = ()  # no pause in this step: the common case, nothing allocated
         if self._banked:
             banked, self._banked = self._banked, []
-        self._pending.append(_Recorded(index, self._last, end, tokens, banked, extra))
-        self._last = end
+        forward, self._forward = self._forward, None
+        self._pending.append(
+            _Recorded(index, self._last, end, tokens, banked, extra, self._previous, forward)
+        )
+        self._last = self._previous = end
 
     def _stage(self, tokens: torch.Tensor) -> Any:
         if tokens.device.type == "cpu":
@@ -158,17 +193,26 @@ class StepTimer:
             seconds = None if rec.start is None else self._elapsed_s(rec.start, rec.end)
             if seconds is not None and rec.banked:  # the time it ran before each pause
                 seconds += sum(self._elapsed_s(start, paused) for start, paused in rec.banked)
+            span = None if rec.previous is None else self._elapsed_s(rec.previous, rec.end)
+            wait = None
+            if rec.forward is not None and rec.start is not None and not rec.banked:
+                wait = min(max(self._elapsed_s(rec.start, rec.forward), 0.0), seconds or 0.0)
             tokens, extra = rec.tokens, rec.extra
             if isinstance(tokens, torch.Tensor):
                 tokens = self._read(tokens)
-            out.append(
-                StepRecord(rec.index, seconds, float(tokens), 0.0 if extra is None else self._read(extra))
-            )
+            extra = 0.0 if extra is None else self._read(extra)
+            out.append(StepRecord(rec.index, seconds, float(tokens), extra, span, wait))
             if cuda:  # CPU marks are floats: nothing to release
-                self._release(rec.start)  # its end is the next step's start: released with that one
+                # Its end is the next step's start and span start: released with that one. The
+                # previous end may also open a banked span: each event goes back once.
+                self._release(rec.previous)
+                if rec.start is not rec.previous:
+                    self._release(rec.start)
+                self._release(rec.forward)
                 if rec.start is not None:
                     for start, paused in rec.banked:
-                        self._release(start)
+                        if start is not rec.previous:
+                            self._release(start)
                         self._release(paused)
         return out
 

@@ -18,6 +18,7 @@ from mfumon.distributed import Reducer
 from mfumon.errors import FaultLog
 from mfumon.flop_model import FlopModel
 from mfumon.hardware import PeakInfo, measure_peak_flops
+from mfumon.ledger import Ledger
 from mfumon.loggers import LoggerSet
 from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, window_metrics
 from mfumon.timing import StepTimer
@@ -40,14 +41,17 @@ class Windows:
         device_type: str,
         faults: FaultLog,
         first_step: int = 0,
+        ledger: Ledger | None = None,
     ) -> None:
         self.timer, self.reducer, self.flops, self.peak = timer, reducer, flops, peak
+        self.ledger = ledger if ledger is not None else Ledger([], faults)
         self.warmup, self.log_every, self._device_type, self._faults = warmup, log_every, device_type, faults
         self.loggers = LoggerSet([])  # built by the monitor once the rank is known
         self.measured_peak_flops: float | None = None
         self.first_step = first_step  # steps done before this run (a resumed run's initial_step)
         self.logged_step = first_step
         self.total = EMPTY_WINDOW  # measured steps of the whole run, all ranks
+        self.warm_total = EMPTY_WINDOW  # warm-up steps of the whole run, all ranks
         self.metrics: dict[str, float] = {}  # the latest window's
         self._run_info_sent = False
 
@@ -70,7 +74,7 @@ class Windows:
                 flops_per_token=self.flops.flops_per_token,
                 hw_flops_per_token=self.flops.hw_flops_per_token,
             )
-            for index, _, tokens, _ in bad_tokens:
+            for index, _, tokens, *_ in bad_tokens:
                 self._faults.report(
                     "tokens",
                     "mfumon: step %d counted %s tokens; a token count must be a whole number >= 0 "
@@ -78,14 +82,15 @@ class Windows:
                     index,
                     tokens,
                 )
-            for index, seconds, tokens, _ in bad_times:
+            for index, seconds, tokens, *_ in bad_times:
                 self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
         except Exception as exc:
             self._faults.fault("timing", exc)
-        warm, meas = self.reducer.reduce(warm, meas)
+        stats = self.ledger.collect()  # never raises: a failing source turns NaN
+        warm, meas, stats = self.reducer.reduce(warm, meas, stats, self.ledger.ops)
         self.logged_step = step
         try:
-            self._emit(warm, meas, step, emit=emit)
+            self._emit(warm, meas, stats, step, emit=emit)
         except Exception as exc:
             self._faults.fault("metrics", exc)
 
@@ -100,8 +105,10 @@ class Windows:
                 self.log(step, final=True, emit=fresh)
         self.loggers.call("log_summary", self.summary(step))
         self.loggers.call("close")
+        self.ledger.close()
 
-    def _emit(self, warm: Window, meas: Window, step: int, *, emit: bool) -> None:
+    def _emit(self, warm: Window, meas: Window, stats: list[float], step: int, *, emit: bool) -> None:
+        self.warm_total += warm
         if not emit:  # steps carried over to close(): totals only, no second window at this step
             self.total += meas
             return
@@ -117,8 +124,12 @@ class Windows:
             total_mfu = window_metrics(self.total, world_size=world, peak_flops=peak).get(K.MFU)
             if total_mfu is not None:
                 out[K.MFU_AVG] = total_mfu
+            extra, details = self.ledger.metrics(stats, meas, world)
+            out.update(extra)
             self.metrics = out
             self._check_possible(out, step)
+            if details:
+                self.loggers.call("log_details", details, step)
             self.loggers.call("log", dict(out), step)
         elif warm.steps:
             out = window_metrics(warm, world_size=world, peak_flops=peak)
@@ -180,6 +191,7 @@ class Windows:
             steps=self.total.steps,
             tokens=self.total.tokens,
             seconds=self.total.seconds,
+            **self.time_split(),
             last_step=last_step,
             warmup_steps=self.warmup,
             world_size=world,
@@ -189,6 +201,25 @@ class Windows:
             flops_per_token=self.flops.flops_per_token,
             hw_flops_per_token=self.flops.hw_flops_per_token,
         )
+        return out
+
+    def time_split(self) -> dict[str, float]:
+        """The run's wall time on the device timeline, in seconds, split by cause (all disjoint):
+        training steps (less their input wait), input wait, paused time and gaps, and warm-up.
+
+        Input wait is measured only in steps with a first forward seen and no pause: its seconds
+        here are that share of the step time. Keys are left out when the wall time is unknown.
+        """
+        total, warm = self.total, self.warm_total
+        warmup_s = warm.wall if warm.wall > 0.0 else warm.seconds
+        if total.wall <= 0.0:
+            return {"warmup_s": warmup_s} if warmup_s > 0.0 else {}
+        out = {"wall_s": warmup_s + max(total.wall, total.seconds), "warmup_s": warmup_s}
+        wait_s = total.seconds * total.input_wait / total.waited if total.waited > 0.0 else None
+        out["training_s"] = total.seconds - (wait_s or 0.0)
+        if wait_s is not None:
+            out["input_wait_s"] = wait_s
+        out["paused_s"] = max(total.wall - total.seconds, 0.0)
         return out
 
     def run_info(self) -> dict[str, Any]:

@@ -108,7 +108,8 @@ def test_whole_run_from_windows_equals_the_summary(base: Path) -> None:
     assert from_windows.source == "4 windows (no summary.json: run still going, or it crashed)"
     for key in (K.MFU_AVG, K.TFLOPS_PER_DEVICE, K.TOKENS_PER_S, K.STEP_TIME_MS):
         assert from_windows.values[key] == pytest.approx(from_summary.values[key], rel=1e-9), key
-    assert from_windows.values["mfumon/goodput"] is None  # no goodput in a run yet: shown as "-"
+    # Goodput: the summary's is its steps' seconds over their wall time; the windows', time-weighted.
+    assert from_windows.values[K.GOODPUT] == pytest.approx(from_summary.values[K.GOODPUT], rel=1e-6)
 
 
 def test_windows_are_weighted_by_their_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -242,7 +243,7 @@ def test_a_cut_off_last_line_is_skipped_with_a_note(base: Path, capsys: pytest.C
         ),
         ("base", ("--tolerance", "three"), "got 'three'"),
         ("base", ("--metric", "loss"), "--metric must be one of mfu_avg, tflops_per_device"),
-        ("base", ("--metric", "goodput"), "--metric goodput: not in"),
+        ("tokens-only", ("--metric", "goodput"), "--metric goodput: not in"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -255,6 +256,9 @@ def test_bad_input_is_one_line_and_exit_2(
         other.write_text("epoch,loss\n1,2.0\n")
     elif setup == "disjoint":  # a run that logged only HFU: nothing compare reads
         other.write_text(json.dumps({"step": 8, "time": 1.0, K.HFU: 0.3}) + "\n")
+    elif setup == "tokens-only":  # a run from before the time ledger: no goodput
+        window = {"step": 8, "time": 1.0, K.TOKENS_PER_S: 100.0, K.STEP_TIME_MS: 10.0}
+        other.write_text(json.dumps(window) + "\n")
     code, out, err = cli(capsys, base, other, *options)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("mfumon: error: ") and message in err, err

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import mfumon
+from mfumon import metrics as K
 from mfumon.cli import main
 from mfumon.reporting import decimate
 from mfumon.runlog import read_run
@@ -141,15 +142,21 @@ def test_a_real_run_becomes_one_self_contained_page(
 
     summary = json.loads((tmp_path / "run.summary.json").read_text())
     assert "run.summary.json" in page.sections["whole-run"]
-    # The waterfall: no measured cause in this run, so peak -> unexplained -> achieved, by hand:
-    achieved = summary["mfumon/mfu"]
+    # The waterfall: input wait, then paused time (1 - goodput), each a share of what is left, then
+    # the unexplained rest down to the MFU over wall time; by hand from the summary:
+    wait, goodput, achieved = (summary[k] for k in (K.INPUT_WAIT_FRAC, K.GOODPUT, K.MFU_WALL))
     wf = page.data["waterfall"]
-    assert wf["drops"] == [] and wf["achieved"] == achieved
-    assert wf["unexplained"] == {"name": "not explained by any measurement", "points": 1.0 - achieved}
-    assert rows(page, "waterfall-table")["achieved MFU"][1] == f"{achieved * 100:.4g}%"
+    assert [d["name"] for d in wf["drops"]] == ["input wait", "paused time and gaps (1 - goodput)"]
+    assert [d["points"] for d in wf["drops"]] == pytest.approx([wait, (1 - wait) * (1 - goodput)])
+    assert wf["achieved"] == achieved
+    rest = (1 - wait) * goodput - achieved
+    assert wf["unexplained"] == {"name": "not explained by any measurement", "points": pytest.approx(rest)}
+    assert rows(page, "waterfall-table")["achieved MFU over wall time"][1] == f"{achieved * 100:.4g}%"
 
-    assert "No time ledger in this run" in page.sections["ledger"] and "ledger-table" not in page.tables
-    assert "time ledger" not in page.sections["charts"] and "tokens/s" in page.sections["charts"]
+    ledger = rows(page, "ledger-table")  # the whole run's, from the summary
+    assert set(ledger) == {K.GOODPUT, K.MFU_WALL, K.INPUT_WAIT_FRAC}
+    assert ledger[K.INPUT_WAIT_FRAC] == [f"{summary[K.INPUT_WAIT_FRAC] * 100:.3g}%"]
+    assert "time ledger" in page.sections["charts"] and "tokens/s" in page.sections["charts"]
     assert "No step profile in this run" in page.sections["profile"] and "profile-table" not in page.tables
 
 

@@ -38,7 +38,7 @@ def test_once_prints_the_current_state(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(spark) == 4 and set(spark) <= set("▁▂▃▄▅▆▇█")
     assert spark[series.index(max(series))] == "█" and spark[series.index(min(series))] == "▁"
     assert lines[3].startswith(f"tokens/s {last[K.TOKENS_PER_S]:,.0f}  step time ")
-    assert lines[3].endswith("goodput -")  # no run has goodput before issue 11
+    assert lines[3].endswith(f"goodput {pct(last[K.GOODPUT])}")  # the last window's, as logged
 
 
 def test_once_without_a_peak_draws_tokens_per_s(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,6 +110,9 @@ def test_metric_keys_and_their_relations(tiny, tmp_path: Path) -> None:
         K.STEP_TIME_MS,
         K.PEAK_TFLOPS,
         K.MFU_AVG,
+        K.GOODPUT,  # the time ledger: measurable on one CPU process with a model
+        K.MFU_WALL,
+        K.INPUT_WAIT_FRAC,
     }
     assert set(rec) == expected | {"step", "time", "peak_dtype", "device"}
     assert set(mon.metrics) == expected

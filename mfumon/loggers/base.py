@@ -21,6 +21,10 @@ class Logger:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Write the metrics of one window ending at optimizer step `step`."""
 
+    def log_details(self, details: Mapping[str, Any], step: int) -> None:
+        """Structured facts of the window ending at `step` that are no scalar metric (per-layer expert
+        loads, throttle reasons, ...); called just before `log` for the same step (default: ignore)."""
+
     def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
         """Called instead of `log` for windows made only of warm-up steps (default: ignore them)."""
 

@@ -14,7 +14,9 @@ __all__ = ["JsonlLogger"]
 
 
 class JsonlLogger(Logger):
-    """Appends `{"step", "time", "peak_dtype", "device", <metric keys>}` per log to `path`.
+    """Appends `{"step", "time", "peak_dtype", "device", <metric keys>, <details>}` per log to `path`.
+
+    Details are the window's structured facts (`Logger.log_details`), e.g. `expert_load_layers`.
 
     The first line also carries `"run"`: the run's facts (device, peak, FLOPs per token and by
     component, parameter counts, warm-up, ...), so `mfumon plot/report/compare` need only the file.
@@ -29,6 +31,7 @@ class JsonlLogger(Logger):
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._extra: dict[str, Any] = {}
         self._run: dict[str, Any] | None = None  # run facts, written once with the first line
+        self._details: dict[str, Any] = {}  # the next line's structured facts
 
     def log_run_info(self, info: Mapping[str, Any]) -> None:
         self._extra = {"peak_dtype": info.get("peak_dtype"), "device": info.get("device")}
@@ -36,8 +39,14 @@ class JsonlLogger(Logger):
             self._extra["peak_mix"] = info["peak_mix"]
         self._run = dict(info)
 
+    def log_details(self, details: Mapping[str, Any], step: int) -> None:
+        self._details = {"step": step, **details}
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         record = {"step": step, "time": time.time(), **self._extra, **metrics}
+        details, self._details = self._details, {}
+        if details.pop("step", None) == step:  # facts of this same window: they ride on its line
+            record.update({k: v for k, v in details.items() if k not in record})
         if self._run is not None:  # the run's facts ride on its first line, so the file stands alone
             record["run"], self._run = self._run, None
         self._file.write(json.dumps(record) + "\n")

@@ -33,6 +33,19 @@ def test_stdout_line_is_compact_and_human() -> None:
     )
 
 
+def test_the_ledger_adds_a_tail_only_when_notable() -> None:
+    quiet = {**METRICS, K.GOODPUT: 0.99, K.INPUT_WAIT_FRAC: 0.01, K.STEP_TIME_MAX_MS: 72.44}
+    quiet |= {K.STEP_TIME_MIN_MS: 70.0, K.SLOWEST_RANK: 3.0, K.EXPERT_LOAD_MAX: 1.2, K.MEM_ALLOC_RETRIES: 0.0}
+    assert format_line(quiet, 40, dtype="bf16") == format_line(METRICS, 40, dtype="bf16")
+    loud = {**quiet, K.GOODPUT: 0.91, K.INPUT_WAIT_FRAC: 0.07, K.STEP_TIME_MIN_MS: 67.0, K.SLOWEST_RANK: 5.0}
+    line = format_line(loud, 40, dtype="bf16")
+    # 72.44 / 67.0 - 1 = 8.1%: the slowest rank's mean step against the fastest's
+    assert line.endswith("| avg MFU 40.0% | goodput 91% | input wait 7% | rank 5 slowest +8%")
+    assert "\n" not in line
+    moe = format_line({**METRICS, K.EXPERT_LOAD_MAX: 2.31, K.MEM_ALLOC_RETRIES: 2.0, K.MEM_OOMS: 0.0}, 40)
+    assert moe.endswith("| expert load 2.3x | alloc retries 2, OOMs 0")
+
+
 def test_stdout_without_peak_shows_no_mfu() -> None:
     line = format_line({K.TFLOPS_PER_DEVICE: 0.0123, K.TOKENS_PER_S: 12.5, K.STEP_TIME_MS: 3.0}, 5)
     assert "MFU" not in line and "0.0123 TFLOP/s/dev" in line and "12.5 tok/s" in line

@@ -43,7 +43,37 @@ def format_line(metrics: Mapping[str, float], step: int, *, dtype: str | None = 
         parts.append(f"avg MFU {metrics[K.MFU_AVG] * 100:.1f}%")
     if K.MFU_MEASURED in metrics and not measured_only:
         parts.append(f"MFU vs measured {metrics[K.MFU_MEASURED] * 100:.1f}%")
-    return " | ".join(parts)
+    return " | ".join(parts + notable(metrics))
+
+
+#: When a ledger figure earns a place on the stdout line (every figure is in JSONL either way).
+NOTABLE_GOODPUT = 0.95  # below: paused time and gaps cost over 5% of the wall time
+NOTABLE_INPUT_WAIT = 0.05  # above: data loading and host work take over 5% of the step
+NOTABLE_RANK_SPREAD = 0.05  # the slowest rank's step over 5% longer than the fastest's
+NOTABLE_EXPERT_LOAD = 1.5  # the busiest expert of some layer gets 1.5x its share of tokens
+
+
+def notable(metrics: Mapping[str, float]) -> list[str]:
+    """The ledger's short tail for the stdout line: only what is notable in this window, else nothing."""
+    tail = []
+    goodput = metrics.get(K.GOODPUT)
+    if goodput is not None and goodput < NOTABLE_GOODPUT:
+        tail.append(f"goodput {goodput * 100:.0f}%")
+    wait = metrics.get(K.INPUT_WAIT_FRAC)
+    if wait is not None and wait > NOTABLE_INPUT_WAIT:
+        tail.append(f"input wait {wait * 100:.0f}%")
+    slow, fast, rank = (metrics.get(k) for k in (K.STEP_TIME_MAX_MS, K.STEP_TIME_MIN_MS, K.SLOWEST_RANK))
+    if slow is not None and fast and rank is not None and slow / fast - 1 > NOTABLE_RANK_SPREAD:
+        tail.append(f"rank {rank:.0f} slowest +{(slow / fast - 1) * 100:.0f}%")
+    load = metrics.get(K.EXPERT_LOAD_MAX)
+    if load is not None and load > NOTABLE_EXPERT_LOAD:
+        tail.append(f"expert load {load:.2g}x")
+    retries = metrics.get(K.MEM_ALLOC_RETRIES, 0) + metrics.get(K.MEM_OOMS, 0)
+    if retries:
+        tail.append(
+            f"alloc retries {metrics.get(K.MEM_ALLOC_RETRIES, 0):.0f}, OOMs {metrics.get(K.MEM_OOMS, 0):.0f}"
+        )
+    return tail
 
 
 class StdoutLogger(Logger):

@@ -181,6 +181,16 @@ def test_fit_with_accumulation_and_validation_logs_to_csv(tmp_path: Path) -> Non
     train_only_s = clock.step_end[steps] - clock.step_end[warmup] - (v1 - v0)
     assert summary["seconds"] == pytest.approx(train_only_s, rel=0.3)  # with it: about +80%
 
+    # The time ledger: that validation is paused time in the window of steps 11..15 (logged at 14).
+    span = clock.step_end[15] - clock.step_end[10]
+    by_step = {int(r["step"]): r for r in rows}
+    assert by_step[14][K.GOODPUT] == pytest.approx((span - (v1 - v0)) / span, abs=0.05)
+    assert all(by_step[14][K.GOODPUT] < by_step[s][K.GOODPUT] for s in by_step if s != 14)
+    assert all(by_step[s][K.GOODPUT] > 0.85 for s in (4, 9, 19))
+    assert by_step[14][K.MFU_WALL] == pytest.approx(by_step[14][K.MFU] * by_step[14][K.GOODPUT])
+    assert summary["paused_s"] == pytest.approx(v1 - v0, abs=0.1)  # the one after step 20 ends the run
+    assert all(0.0 <= r[K.INPUT_WAIT_FRAC] < 1.0 for r in rows)  # the first forward was seen
+
 
 class BrokenLightningLogger(LightningLogger):
     """A Lightning logger whose storage fails for mfumon's keys (Lightning's own keys are fine)."""

@@ -162,6 +162,16 @@ def test_train_with_accumulation_and_evaluation(tmp_path: Path) -> None:
     train_only_s = clock.step_end[steps] - clock.step_end[warmup] - eval_s
     assert summary["seconds"] == pytest.approx(train_only_s, rel=0.3)  # with it: about +80%
 
+    # The time ledger: that evaluation is paused time in the window of steps 11..15.
+    span = clock.step_end[15] - clock.step_end[10]
+    by_step = {e["step"]: e for e in logs}
+    assert by_step[15][K.GOODPUT] == pytest.approx((span - eval_s) / span, abs=0.05)
+    assert all(by_step[15][K.GOODPUT] < by_step[s][K.GOODPUT] for s in by_step if s != 15)
+    assert all(by_step[s][K.GOODPUT] > 0.85 for s in (5, 10, 20))
+    assert by_step[15][K.MFU_WALL] == pytest.approx(by_step[15][K.MFU] * by_step[15][K.GOODPUT])
+    assert summary["paused_s"] == pytest.approx(eval_s, abs=0.1)
+    assert all(0.0 <= e[K.INPUT_WAIT_FRAC] < 1.0 for e in logs)  # the first forward was seen
+
 
 def train_reporting_to(tmp_path: Path, integration: str) -> list[dict[str, Any]]:
     """Ten steps with MFUCallback and the Trainer's `integration` (report_to); the mfumon log entries."""

@@ -30,6 +30,7 @@ __all__ = [
     "draw",
     "line_data",
     "load_runs",
+    "paused_spans",
     "plot",
     "save",
     "series_array",
@@ -43,7 +44,7 @@ log = logging.getLogger("mfumon")
 DEFAULT_METRICS = (K.MFU, K.TFLOPS_PER_DEVICE, K.TOKENS_PER_S, K.STEP_TIME_MS)
 #: Fractions in [0, 1], drawn in percent (the last three are the time ledger's, where a run has it).
 PERCENT = {K.MFU, K.HFU, K.MFU_AVG, K.MFU_MEASURED}
-PERCENT |= {PREFIX + "goodput", PREFIX + "mfu_wall", PREFIX + "input_wait_frac"}
+PERCENT |= {K.GOODPUT, K.MFU_WALL, K.INPUT_WAIT_FRAC}
 AXIS_LABELS = {
     K.MFU: "MFU (%)",
     K.HFU: "HFU (%)",
@@ -58,6 +59,7 @@ AXIS_LABELS = {
 }
 MAX_POINTS = 4000  # per drawn line; longer series keep each bucket's first, last, min and max
 GAP = 1.5  # a step gap over 1.5 windows means windows are missing (paused, or none logged)
+PAUSED = 0.01  # a window whose goodput is under 1 - PAUSED holds paused time (evaluation, checkpoints)
 MAX_GAP_MARKS = 500  # gaps shaded per chart; the line is broken at every gap regardless
 
 
@@ -279,6 +281,29 @@ def _draw_run(ax: Axes, run: RunLog, key: str, every_step: np.ndarray, *, color:
             lw=0,
             label="no window (paused or missing)",
         )
+    for start, width, share in paused_spans(run, every_step)[:MAX_GAP_MARKS]:
+        ax.axvspan(
+            start, start + width, color="tab:red", alpha=0.08 + 0.3 * share, lw=0, label="paused in window"
+        )
+
+
+def paused_spans(run: RunLog, every_step: np.ndarray | None = None) -> list[tuple[float, float, float]]:
+    """(first step, width, paused share of the wall time) of each window with paused time in it.
+
+    From each window's `goodput` (1 - goodput is its paused share); a window spans the steps since
+    the previous window (log_every steps for the first). Runs without goodput have none.
+    """
+    import numpy as np
+
+    steps, goodput = series_array(run, K.GOODPUT, steps=every_step)
+    if not steps.size:
+        return []
+    every = _positive(run.run.get("log_every")) or (
+        float(np.median(np.diff(steps))) if steps.size > 1 else 1.0
+    )
+    starts = np.concatenate(([steps[0] - every], steps[:-1]))
+    starts = np.where((steps - starts > 0) & (steps - starts <= GAP * every), starts, steps - every)
+    return [(a, b - a, 1.0 - g) for a, b, g in zip(starts, steps, goodput, strict=True) if g < 1.0 - PAUSED]
 
 
 def _gap_spans(x: np.ndarray) -> list[tuple[float, float]]:

@@ -109,15 +109,14 @@ class Windows:
 
     def _emit(self, warm: Window, meas: Window, stats: list[float], step: int, *, emit: bool) -> None:
         self.warm_total += warm
+        self.total += meas  # also a window of paused steps only: its wall time is the run's
         if not emit:  # steps carried over to close(): totals only, no second window at this step
-            self.total += meas
             return
         if not self._run_info_sent and (meas.steps or warm.steps):
             self._run_info_sent = True
             self.loggers.call("log_run_info", self.run_info())
         world, peak = self.reducer.world, self.peak.flops
         if meas.steps:
-            self.total += meas
             out = window_metrics(
                 meas, world_size=world, peak_flops=peak, measured_peak_flops=self.measured_peak_flops
             )

@@ -7,6 +7,7 @@ import math
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(
-    folder: Path, name: str, *, steps: int = 24, initial_step: int = 0, paused: range = range(0)
+    folder: Path,
+    name: str,
+    *,
+    steps: int = 24,
+    initial_step: int = 0,
+    paused: range = range(0),
+    evaluate_after: int | None = None,
 ) -> Path:
     """A real monitor on nn.Linear(8, 8): host clock, peak 1 TFLOP/s, warm-up 4, a window every 4 steps.
 
     Steps whose number (counted from 1) is in `paused` run inside a pause, so their windows have
-    no timed step and are not written: a gap in the file's steps.
+    no timed step and are not written: a gap in the file's steps. After step `evaluate_after` an
+    evaluation sleeps 50 ms under `mon.paused()`: paused time inside the next window.
     """
     model = torch.nn.Linear(8, 8)
     with mfumon.monitor(
@@ -51,6 +59,9 @@ def write_run(
                     mon.step(tokens=16)
             else:
                 mon.step(tokens=16)
+            if i == evaluate_after:
+                with mon.paused():
+                    time.sleep(0.05)
     return folder / f"{name}.jsonl"
 
 
@@ -107,6 +118,19 @@ def test_the_figure_holds_the_file_s_steps_and_values(runs: tuple[Path, Path]) -
         assert np.allclose(y[[0, 2, 3]], [v * scale for v in values], rtol=1e-12)
     mfu_a = file_series(a, K.MFU)[1]
     assert 0 < mfu_a[0] < 0.01 and axes[0].get_lines()[0].get_ydata()[0] == pytest.approx(mfu_a[0] * 100)
+
+
+def test_paused_time_inside_a_window_is_shaded_over_that_window(tmp_path: Path) -> None:
+    path = write_run(tmp_path, "e", evaluate_after=10)  # 50 ms inside the window of steps 11-12
+    goodput = dict(zip(*file_series(path, K.GOODPUT), strict=True))
+    assert goodput[12] < 0.9 and all(g > 0.99 for s, g in goodput.items() if s != 12)
+    figure = mfumon.plot([path])
+    for ax in figure.axes:  # every chart: a red span over steps 8-12, the window holding the pause
+        spans = [p for p in ax.patches if p.get_label() == "paused in window"]
+        assert len(spans) == 1
+        assert (spans[0].get_x(), spans[0].get_x() + spans[0].get_width()) == (8.0, 12.0)
+        assert spans[0].get_alpha() == pytest.approx(0.08 + 0.3 * (1 - goodput[12]))
+    assert "paused in window" in figure.axes[0].get_legend_handles_labels()[1]
 
 
 def test_the_title_names_each_run_s_peak_and_dtype(runs: tuple[Path, Path]) -> None:

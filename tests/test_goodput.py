@@ -105,7 +105,7 @@ def test_goodput_follows_a_known_pause_per_window() -> None:
         expected_wall = window[K.MFU] * window[K.GOODPUT]  # model FLOPs over the wall time
         assert window[K.MFU_WALL] == pytest.approx(expected_wall, rel=1e-9)
     later = [truths[s]["goodput"] for s in sorted(truths)[1:]]
-    assert max(later) < 0.8  # the pause is a large share: the check above could fail
+    assert max(later) < 0.95  # the pause is a notable share: the check above could fail
 
 
 def test_goodput_is_one_without_pauses() -> None:
@@ -119,7 +119,7 @@ def test_input_wait_is_the_loaders_share_of_the_step() -> None:
     keep, summary, truths = run(steps=4 * LOG_EVERY, loader_s=0.006)
     for step, window in keep.windows.items():
         assert window[K.INPUT_WAIT_FRAC] == pytest.approx(truths[step]["wait"], abs=0.05), step
-        assert truths[step]["wait"] > 0.25  # 6 ms of ~17 ms: the check above could fail
+        assert truths[step]["wait"] > 0.1  # 6 ms of ~17 ms (more under load): the check above could fail
     assert summary[K.INPUT_WAIT_FRAC] == pytest.approx(
         sum(t["wait"] for t in truths.values()) / len(truths), abs=0.05
     )
@@ -177,3 +177,24 @@ def test_jsonl_carries_the_ledger_keys(tmp_path: Path) -> None:
     assert all(math.isfinite(x[k]) for x in lines for k in (K.GOODPUT, K.MFU_WALL, K.INPUT_WAIT_FRAC))
     summary = json.loads((tmp_path / "r.summary.json").read_text())
     assert {"wall_s", "training_s", "input_wait_s", "paused_s", "warmup_s"} <= set(summary)
+
+
+def test_a_window_of_paused_steps_only_still_counts_its_wall_time() -> None:
+    torch.manual_seed(0)
+    model = TinyLM(VOCAB)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mfumon.monitor(model, seq_len=SEQ, log_every=2, warmup=0, loggers=(), peak_tflops=1.0) as mon:
+        for step in range(1, 7):
+            if step in (3, 4):  # a whole window inside a pause: no timed step, nothing logged
+                with mon.paused():
+                    p0 = time.perf_counter()
+                    spin(0.03)
+                    mon.step(tokens=train(model, opt, batch()))
+                    paused = time.perf_counter() - p0
+            else:
+                mon.step(tokens=train(model, opt, batch()))
+    summary = mon.summary()
+    assert summary["steps"] == 4
+    assert summary["paused_s"] > 2 * 0.03  # both paused steps' time, though no window showed them
+    assert summary["paused_s"] == pytest.approx(summary["wall_s"] - summary["seconds"], rel=1e-9)
+    assert paused > 0.03

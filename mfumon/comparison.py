@@ -1,10 +1,7 @@
 """Two runs side by side, whole-run values and relative changes, for `mfumon compare` (a CI gate).
 
-A run's whole-run values come from its `<stem>.summary.json` when the run closed, else from its
-windows of its latest run: MFU is the last window's `mfumon/mfu_avg` (the whole run so far), and the
-rates are weighted by each window's time in steps (steps since the previous window x its mean step
-time), which is how the monitor's own summary adds windows up. Goodput, where a run has it, is
-weighted by wall time (a window's time in steps / its goodput).
+A run's whole-run values come from its `<stem>.summary.json` when the run closed, else from the
+windows of its latest run, added up as `mfumon.wholerun` says (the same values `report` shows).
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from typing import Any
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, MfumonError
 from mfumon.runlog import PREFIX, RunLog, read_run
+from mfumon.wholerun import whole_run_values
 
 __all__ = [
     "GOODPUT",
@@ -33,7 +31,7 @@ __all__ = [
     "whole_run",
 ]
 
-GOODPUT = "mfumon/goodput"  # issue 11 (DESIGN.md "Where the time goes"); shown as "-" until a run has it
+GOODPUT = K.GOODPUT  # shown as "-" for a run from before the time ledger
 
 
 @dataclass(frozen=True)
@@ -128,70 +126,8 @@ def metric_name(metric: str) -> str:
 
 def whole_run(run: RunLog) -> WholeRun:
     """The run's whole-run values: from summary.json when present, else added up from its windows."""
-    keys = [m.key for m in METRICS.values()]
-    stale = run.summary is not None and _summary_older_than_windows(run)
-    if run.summary is not None and not stale and any(_number(run.summary.get(k)) for k in keys):
-        values = {k: (float(run.summary[k]) if _number(run.summary.get(k)) else None) for k in keys}
-        if values[GOODPUT] is None:
-            values[GOODPUT] = _from_windows(run)[GOODPUT]  # a summary may not carry goodput
-        return WholeRun(run, values, "summary.json")
-    n = len(_latest_run(run.records))
-    why = (
-        "summary.json older than the last window: a previous run's"
-        if stale
-        else "run still going, or it crashed"
-    )
-    return WholeRun(run, _from_windows(run), f"{n} window{'s' * (n != 1)} (no summary.json: {why})")
-
-
-def _summary_older_than_windows(run: RunLog) -> bool:
-    """True when summary.json was written before the last window: left by an earlier run of that name."""
-    last = run.records[-1].get("time")
-    try:
-        written = run.path.with_suffix(".summary.json").stat().st_mtime
-    except OSError:
-        return False
-    return _number(last) and written + 1.0 < float(last)  # 1 s: the clocks of file system and host
-
-
-def _latest_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The windows of the file's latest run: a second run with the same name appends to the file."""
-    starts = [i for i, r in enumerate(records) if isinstance(r.get("run"), dict)]
-    return records[starts[-1] :] if starts else records
-
-
-def _from_windows(run: RunLog) -> dict[str, float | None]:
-    """Whole-run values added up from the windows, weighted by each window's time in steps."""
-    records = _latest_run(run.records)
-    facts = records[0].get("run") if isinstance(records[0].get("run"), dict) else run.run
-    start = _int(facts.get("initial_step"), 0) + _int(facts.get("warmup"), 0)
-    seconds = steps = 0.0
-    sums: dict[str, float] = {K.TFLOPS_PER_DEVICE: 0.0, K.TOKENS_PER_S: 0.0}
-    timed: dict[str, float] = dict.fromkeys(sums, 0.0)  # seconds of the windows that have the key
-    good_s = wall_s = 0.0
-    previous = None
-    for record in records:
-        step = record["step"]
-        n = step - (start if previous is None else previous)
-        previous = step
-        ms = record.get(K.STEP_TIME_MS)
-        if n <= 0 or not _number(ms):
-            continue
-        window_s = n * float(ms) / 1e3
-        seconds, steps = seconds + window_s, steps + n
-        for key in sums:
-            if _number(record.get(key)):
-                sums[key] += float(record[key]) * window_s
-                timed[key] += window_s
-        goodput = record.get(GOODPUT)
-        if _number(goodput) and goodput > 0:
-            good_s, wall_s = good_s + window_s, wall_s + window_s / float(goodput)
-    out: dict[str, float | None] = {k: (sums[k] / timed[k] if timed[k] > 0 else None) for k in sums}
-    out[K.STEP_TIME_MS] = seconds / steps * 1e3 if steps else None
-    avg = [r[K.MFU_AVG] for r in records if _number(r.get(K.MFU_AVG))]
-    out[K.MFU_AVG] = float(avg[-1]) if avg else None
-    out[GOODPUT] = good_s / wall_s if wall_s > 0 else None
-    return out
+    values, source = whole_run_values(run)
+    return WholeRun(run, {m.key: values.get(m.key) for m in METRICS.values()}, source)
 
 
 def compare(

@@ -16,6 +16,7 @@ from mfumon import metrics as K
 from mfumon import report_html
 from mfumon.errors import MfumonError
 from mfumon.runlog import PREFIX, RunLog, read_run
+from mfumon.wholerun import whole_run_values
 
 __all__ = [
     "CHARTS",
@@ -129,7 +130,7 @@ def build(run: RunLog) -> dict[str, Any]:
         decimated |= len(small_steps) < len(steps)
         series[key] = {"steps": small_steps, "values": small_values}
     windows = _windows(run)
-    summary, summary_source = _summary(run, full, windows)
+    summary, summary_source = _summary(run, windows)
     profiled = next((r for r in reversed(run.records) if isinstance(r.get("profile"), dict)), None)
     profile = profiled["profile"] if profiled else None
     profile_step = profiled["step"] if profiled else None
@@ -173,20 +174,20 @@ def decimate(steps: list[int], values: list[float], limit: int) -> tuple[list[in
     return [steps[i] for i in order], [values[i] for i in order]
 
 
-def _summary(run: RunLog, full: Series, windows: int) -> tuple[dict[str, Any], str]:
-    if run.summary:
-        return dict(run.summary), f"{run.path.with_suffix('.summary.json').name}, written when the run closed"
-    out: dict[str, Any] = {}
-    for key, (_, values) in full.items():
-        out[key] = sum(values) / len(values)
-    if K.MFU_AVG in full:  # a running whole-run figure: its last value, not a mean
-        out[K.MFU] = out[K.MFU_AVG] = full[K.MFU_AVG][1][-1]
+def _summary(run: RunLog, windows: int) -> tuple[dict[str, Any], str]:
+    """The whole-run values (`mfumon.wholerun`, as `compare` reads them) with the summary's facts."""
+    values, source = whole_run_values(run)
+    if source == "summary.json":
+        name = run.path.with_suffix(".summary.json").name
+        return {**dict(run.summary or {}), **values}, f"{name}, written when the run closed"
+    out: dict[str, Any] = dict(values)
+    if K.MFU_AVG in values:  # the last window's running whole-run MFU
+        out[K.MFU] = values[K.MFU_AVG]
     out["windows"] = windows
     out["last_step"] = run.records[-1]["step"]
     return out, (
-        f"computed from the {out['windows']} logged windows (no summary file: the run is still going or "
-        "did not close): plain means of the windows' values; MFU is the last window's mfu_avg "
-        "(the whole run so far)"
+        f"computed from {source}: each window weighted by its time (goodput and MFU over wall time "
+        "by wall time, peaks the largest); MFU is the last window's mfu_avg (the whole run so far)"
     )
 
 
@@ -196,12 +197,9 @@ def _windows(run: RunLog) -> int:
 
 
 def _whole_run(full: Series, summary: dict[str, Any], key: str) -> float | None:
-    """The whole-run value of `key`: the summary's, else the mean of the windows', else None."""
+    """The whole-run value of `key` (from `_summary`: the summary's, else the windows' added up)."""
     value = summary.get(key)
-    if _finite(value):
-        return float(value)
-    values = full.get(key, ((), ()))[1]
-    return sum(values) / len(values) if values else None
+    return float(value) if _finite(value) else None
 
 
 def _peak(run: RunLog, full: Series) -> float | None:

@@ -170,7 +170,7 @@ LEDGER_RUN = [
         "step": 10, "time": 1.0, "peak_dtype": "bf16", "device": "cuda",
         "mfumon/mfu": 0.46, "mfumon/mfu_avg": 0.46, "mfumon/peak_tflops": 100.0, "mfumon/goodput": 0.9,
         "mfumon/mfu_wall": 0.40, "mfumon/input_wait_frac": 0.1, "mfumon/step_time_max_ms": 100.0,
-        "mfumon/step_time_min_ms": 90.0,
+        "mfumon/step_time_min_ms": 90.0, "mfumon/step_time_ms": 100.0,
         "run": {"device": "cuda", "peak_tflops": 100.0, "peak_dtype": "bf16", "measured_peak_tflops": 80.0},
     },
     {"step": 20, "profile": {"seconds": 1.0, "rows": [
@@ -181,7 +181,7 @@ LEDGER_RUN = [
         "step": 20, "time": 2.0, "peak_dtype": "bf16", "device": "cuda",
         "mfumon/mfu": 0.47, "mfumon/mfu_avg": 0.465, "mfumon/peak_tflops": 100.0, "mfumon/goodput": 0.9,
         "mfumon/mfu_wall": 0.42, "mfumon/input_wait_frac": 0.1, "mfumon/step_time_max_ms": 100.0,
-        "mfumon/step_time_min_ms": 90.0,
+        "mfumon/step_time_min_ms": 90.0, "mfumon/step_time_ms": 100.0,
     },
 ]  # fmt: skip
 
@@ -194,7 +194,8 @@ def test_measured_causes_each_take_their_drop(tmp_path: Path) -> None:
     # By hand, each cause takes its share of what is left:
     # ceiling 1 - 80/100 = 0.2 -> 0.8; attention core 0.25 s of 1 s: 0.8 x 0.25 = 0.2 -> 0.6;
     # input wait 0.6 x 0.1 = 0.06 -> 0.54; slowest rank 1 - 90/100 = 0.1: 0.054 -> 0.486;
-    # paused 1 - 0.9 = 0.1: 0.0486 -> 0.4374; achieved over wall time: mean(0.40, 0.42) = 0.41;
+    # paused 1 - 0.9 = 0.1: 0.0486 -> 0.4374; achieved over wall time: 0.40 and 0.42 over equal wall
+    # times (10 steps x 100 ms / 0.9 each) = 0.41;
     # unexplained 0.4374 - 0.41 = 0.0274.
     expected = [0.2, 0.2, 0.06, 0.054, 0.0486]
     assert [d["points"] for d in wf["drops"]] == pytest.approx(expected)
@@ -210,7 +211,7 @@ def test_measured_causes_each_take_their_drop(tmp_path: Path) -> None:
     assert 1.0 - sum(expected) - 0.0274 == pytest.approx(0.41)
     assert len(page.tables["waterfall-table"]) == 1 + 1 + 5 + 2  # head, peak, drops, remainder, achieved
 
-    assert "computed from the 2 logged windows" in page.sections["whole-run"]  # no summary file
+    assert "computed from 2 windows (no summary.json" in page.sections["whole-run"]
     assert rows(page, "summary")["mfumon/mfu_avg"] == ["46.5%"]  # the last window's, not a mean
     assert rows(page, "summary")["mfumon/goodput"] == ["90%"]
     ledger = rows(page, "ledger-table")

@@ -34,6 +34,7 @@ def test_event_files_hold_every_window(tiny, tmp_path: Path) -> None:
             mon.step(tokens=train_step(model, opt))
     scalars = tb_scalars(tmp_path / "tb")
     assert set(scalars) == set(rec.logs[-1][1])  # one tag per metric key
+    assert {K.GOODPUT, K.MFU_WALL, K.INPUT_WAIT_FRAC} <= set(scalars)  # the ledger's too
     for key in (K.MFU, K.TOKENS_PER_S, K.STEP_TIME_MS, K.MFU_AVG):
         assert [s for s, _ in scalars[key]] == [4, 8, 12]
         # event files store float32

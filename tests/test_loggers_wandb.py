@@ -55,6 +55,7 @@ def test_offline_run_holds_every_window_and_the_run_facts(tiny, wandb_dir: Path)
     run = wandb_run(wandb_dir)
     rows = [r for r in run["history"] if K.MFU in r]
     assert [r["mfumon/step"] for r in rows] == [s for s, _ in rec.logs] == [3, 6, 9, 12]
+    assert {K.GOODPUT, K.MFU_WALL, K.INPUT_WAIT_FRAC} <= set(rec.logs[-1][1])  # the ledger rides along
     for row, (_, logged) in zip(rows, rec.logs, strict=True):
         assert {k: row[k] for k in logged} == pytest.approx(logged)
         assert row["_step"] == row["mfumon/step"]  # our own run: W&B's step is the optimizer step

@@ -139,6 +139,15 @@ class StdoutLogger(Logger):
         if not steps:
             self._write("[mfumon] run summary: no timed steps after warm-up")
             return
-        self._write(
-            format_line(summary, int(summary.get("last_step", steps)), dtype=self._dtype, note="run summary")
+        line = format_line(
+            summary, int(summary.get("last_step", steps)), dtype=self._dtype, note="run summary"
         )
+        wall = summary.get("wall_s")
+        if wall:  # where the run's wall time went, in shares
+            parts = [
+                (k, summary.get(k.replace(" ", "_").replace("-", "") + "_s"))
+                for k in ("training", "input wait", "paused", "warm-up")
+            ]
+            shares = ", ".join(f"{k} {v / wall * 100:.0f}%" for k, v in parts if v is not None)
+            line += f" | wall {wall:.4g} s: {shares}"
+        self._write(line)

@@ -217,4 +217,4 @@ def test_the_stdout_summary_line_shares_out_the_wall_time(capsys: pytest.Capture
     shares = [round(s[k] / s["wall_s"] * 100) for k in ("training_s", "input_wait_s", "paused_s", "warmup_s")]
     expected = "training {}%, input wait {}%, paused {}%, warm-up {}%".format(*shares)
     assert line.endswith(f" | wall {s['wall_s']:.4g} s: {expected}")
-    assert shares[2] > 20  # 30 ms paused beside ~4 x 10 ms of steps: the line could be wrong
+    assert s["paused_s"] >= 0.03 and shares[2] > 0  # the pause shows: the line could be wrong

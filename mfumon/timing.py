@@ -111,6 +111,7 @@ class StepTimer:
             if self._previous is None:
                 self._previous = self._last
 
+    @torch.compiler.disable  # runs eagerly under torch.compile: no graph break warning, ~0.4 us a call
     def forward_pre_hook(self, module: Any, args: Any) -> None:
         """`mark_forward` as a forward pre-hook (the monitor puts it on the model's root and children)."""
         self.mark_forward()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,28 @@ def test_the_stdout_summary_line_shares_out_the_wall_time(capsys: pytest.Capture
     expected = "training {}%, input wait {}%, paused {}%, warm-up {}%".format(*shares)
     assert line.endswith(f" | wall {s['wall_s']:.4g} s: {expected}")
     assert s["paused_s"] >= 0.03 and shares[2] > 0  # the pause shows: the line could be wrong
+
+
+def test_a_compiled_model_reports_input_wait_without_a_graph_break_warning() -> None:
+    torch.manual_seed(0)
+    model = TinyLM(VOCAB)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    keep = Keep()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mfumon.monitor(
+            model, seq_len=SEQ, log_every=4, warmup=4, loggers=(keep,), peak_tflops=1.0
+        ) as mon:
+            compiled = torch.compile(model, backend="aot_eager")  # dynamo traces the model and its hooks
+            for _ in range(12):
+                spin(0.01)  # the loader: before the first forward
+                ids = batch()
+                loss = nn.functional.cross_entropy(
+                    compiled(ids[:, :-1]).reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
+                )
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                mon.step(tokens=BATCH * SEQ)
+    assert not [w for w in caught if "perf_counter" in str(w.message) or "Dynamo" in str(w.message)]
+    assert all(w[K.INPUT_WAIT_FRAC] > 0.1 for w in keep.windows.values())  # 10 ms of each step seen

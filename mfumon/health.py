@@ -1,12 +1,14 @@
 """Device health at log time, off the step path: SM clock, power, energy and throttling from NVML.
 
 At every log each rank reads its GPU through NVML (a few driver calls, no CUDA call, no
-thread): the SM clock and the clock event ("throttle") reasons at that moment, and NVML's
-energy counter. Power is the energy counter's delta over the host seconds since the previous
-log (the mean power between logs); a window's energy is that mean power times the wall time its
-steps span. A device without the counter (before Volta) gives the power at log time and no
-energy. The first log only sets the counter's baseline. A MIG slice reads the clock of its GPU
-and no power or energy: those are the whole board's, shared with the other slices.
+thread): the SM clock and the clock event ("throttle") reasons at that moment; NVML's energy
+counter; and its counters of the time the clocks were held down by the power and the thermal
+policy (their share of the time between logs, `capped_frac`, sees a cap the moment missed).
+Power is the energy counter's delta over the host seconds since the previous log (the mean power
+between logs); a window's energy is that mean power times the wall time its steps span. A
+device without the counter (before Volta) gives the power at log time and no energy. The first
+log only takes the counters' baseline. A MIG slice reads the clock of its GPU and no power or
+energy: those are the whole board's, shared with the other slices.
 
 Every NVML call goes through an ``nvml`` module parameter (default: ``pynvml``), the one seam
 tests replace. A test runs the NVML source on the CPU by binding the seam arguments:
@@ -47,7 +49,8 @@ THROTTLE_REASONS: dict[int, str] = {
     0x200: "board_limit",
     0x400: "reliability",
 }
-NVML_KEYS = (K.SM_CLOCK_MHZ, K.POWER_W, K.JOULES_PER_TOKEN)
+#: nvml.h's nvmlPerfPolicyType_t: NVML counts the nanoseconds clocks were held down by each policy.
+CAP_POLICIES: dict[str, int] = {"power": 0, "thermal": 1}
 
 
 def reason_names(bits: list[float]) -> list[str]:
@@ -56,7 +59,7 @@ def reason_names(bits: list[float]) -> list[str]:
 
 
 class NvmlSource(Source):
-    """One rank's GPU through NVML: SM clock, power, energy and clock event reasons at each log.
+    """One rank's GPU through NVML: SM clock, power, energy, clock event reasons and capped time.
 
     `clock` is the handle clocks are read from (a MIG slice's parent GPU), `board` the handle power
     and energy are read from (None: not measured), `energy`: whether `board` has the energy counter.
@@ -72,6 +75,7 @@ class NvmlSource(Source):
         Field("power_ranks", "sum"),
         Field("power_at_log", "max"),  # 1.0: some rank read the power at log time (no energy counter)
         Field("reasons", "max", REASON_BITS),  # 1.0 per bit any rank saw: max of 0/1 ORs them
+        Field("capped_frac", "max", len(CAP_POLICIES)),  # share of the time between logs held down
     )
 
     def __init__(
@@ -88,32 +92,42 @@ class NvmlSource(Source):
         self._sm = getattr(nvml, "NVML_CLOCK_SM", NVML_CLOCK_SM)
         self._max_clock = float(nvml_int(nvml.nvmlDeviceGetMaxClockInfo(clock, self._sm)))
         self._reasons = _reason_getter(nvml, clock)
-        self._last: tuple[float, float] | None = None  # (host seconds, mJ) at the previous log
+        self._policies = {n: p for n, p in CAP_POLICIES.items() if _answers(_capped_ns, nvml, clock, p)}
+        self._last: tuple[float, float | None, dict[str, int]] | None = None  # (s, mJ, capped ns) last log
         self._closed = False
 
     def collect(self) -> list[float]:
-        """This rank's clock, power and reason bits now (power NaN at the first log: the baseline)."""
-        nvml = self._nvml
-        clock = float(nvml_int(nvml.nvmlDeviceGetClockInfo(self._clock, self._sm)))
-        mask = nvml_int(self._reasons(self._clock)) if self._reasons is not None else None
-        power = at_log = math.nan
+        """This rank's clock and reason bits now; power and capped shares since the previous log
+        (NaN at the first log, which takes the counters' baseline)."""
+        nvml, handle = self._nvml, self._clock
+        clock = float(nvml_int(nvml.nvmlDeviceGetClockInfo(handle, self._sm)))
+        mask = nvml_int(self._reasons(handle)) if self._reasons is not None else None
+        capped = {name: _capped_ns(nvml, handle, p) for name, p in self._policies.items()}
+        mj = None
         if self._board is not None and self._energy:
             mj = float(nvml_int(nvml.nvmlDeviceGetTotalEnergyConsumption(self._board)))
-            now = time.perf_counter()
-            last, self._last = self._last, (now, mj)
-            if last is not None and now > last[0] and mj >= last[1]:  # a smaller count: driver reloaded
-                power, at_log = (mj - last[1]) / 1e3 / (now - last[0]), 0.0  # mJ -> J, over seconds
-        elif self._board is not None:
+        now = time.perf_counter()
+        last, self._last = self._last, (now, mj, capped)
+        seconds = now - last[0] if last is not None else math.nan
+        power = at_log = math.nan
+        if mj is not None and last is not None and last[1] is not None and mj >= last[1] and seconds > 0:
+            power, at_log = (mj - last[1]) / 1e3 / seconds, 0.0  # mJ -> J, over s (a smaller count: reset)
+        elif self._board is not None and not self._energy:
             power, at_log = nvml_int(nvml.nvmlDeviceGetPowerUsage(self._board)) / 1e3, 1.0  # mW -> W
+        fracs = [math.nan] * len(CAP_POLICIES)
+        if last is not None and seconds > 0:
+            for i, name in enumerate(CAP_POLICIES):
+                if name in capped and capped[name] >= last[2][name]:  # ns -> s, over s
+                    fracs[i] = min((capped[name] - last[2][name]) / 1e9 / seconds, 1.0)
         share = clock / self._max_clock if self._max_clock > 0 else math.nan
         bits = [math.nan if mask is None else float(mask >> n & 1) for n in range(REASON_BITS)]
         ranks = 1.0 if math.isfinite(power) else math.nan
-        return [clock, share, self._max_clock, power, ranks, at_log, *bits]
+        return [clock, share, self._max_clock, power, ranks, at_log, *bits, *fracs]
 
     def metrics(
         self, values: dict[str, list[float]], window: Window, world: int
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        """sm_clock_mhz, power_w, joules_per_token; details: throttle_reasons, mfu_at_clock."""
+        """sm_clock_mhz, power_w, joules_per_token; details: throttle_reasons, capped_frac, mfu_at_clock."""
         out: dict[str, float] = {K.SM_CLOCK_MHZ: values["sm_clock_mhz"][0]}
         details: dict[str, Any] = {}
         ranks, power = values["power_ranks"][0], values["power_w"][0]
@@ -126,6 +140,9 @@ class NvmlSource(Source):
         reasons = values["reasons"]
         if not all(math.isnan(v) for v in reasons):
             details["throttle_reasons"] = reason_names(reasons)
+        fracs = dict(zip(CAP_POLICIES, values["capped_frac"], strict=True))
+        if any(math.isfinite(v) for v in fracs.values()):  # the most capped rank's, per policy
+            details["capped_frac"] = {k: v for k, v in fracs.items() if math.isfinite(v)}
         share, peak = values["clock_share"][0], self._peak() if self._peak is not None else None
         idle = "gpu_idle" in details.get("throttle_reasons", ())  # a clock at rest says nothing of the steps
         if share < 1.0 and share > 0.0 and not idle and peak and window.seconds > 0:
@@ -141,17 +158,26 @@ class NvmlSource(Source):
             self._nvml.nvmlShutdown()
 
 
+def _capped_ns(nvml: Any, handle: Any, policy: int) -> int:
+    """Nanoseconds NVML has seen the clocks held down by `policy` (a counter since the driver loaded)."""
+    return nvml_int(nvml.nvmlDeviceGetViolationStatus(handle, policy).violationTime)
+
+
+def _answers(getter: Callable[..., Any], *args: Any) -> bool:
+    """Whether an NVML getter answers here (a device or driver may lack it)."""
+    try:
+        getter(*args)
+    except Exception:
+        return False
+    return True
+
+
 def _reason_getter(nvml: Any, handle: Any) -> Callable[[Any], Any] | None:
     """The binding's clock-event-reasons getter that works here (newer name first), else None."""
     for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
         getter = getattr(nvml, name, None)
-        if getter is None:
-            continue
-        try:
-            getter(handle)
-        except Exception:  # the driver lacks this entry point: try the older one
-            continue
-        return getter  # type: ignore[no-any-return]
+        if getter is not None and _answers(getter, handle):  # else: an older binding or driver
+            return getter  # type: ignore[no-any-return]
     return None
 
 

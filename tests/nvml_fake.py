@@ -32,6 +32,8 @@ class Handle:
     watts: float | None = None  # ... or like a device drawing this power (host clock), when set
     energy_counter: bool = True  # Volta and newer have one
     reasons: int = 0  # clock event (throttle) reason bits
+    capped_ns: dict[int, int] | None = field(default_factory=lambda: {0: 0, 1: 0})  # by policy; None: no
+    capped_per_read_ns: dict[int, int] = field(default_factory=dict)  # added at each read
     _since: float = field(default_factory=time.perf_counter)
 
 
@@ -137,6 +139,14 @@ class FakeNVML:
 
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Handle) -> int:
         return self._reasons(handle)
+
+    def nvmlDeviceGetViolationStatus(self, handle: Handle, policy: int) -> object:
+        gpu = self._physical(handle)
+        if gpu.capped_ns is None or policy not in gpu.capped_ns:
+            raise NVMLError("Not Supported")
+        gpu.capped_ns[policy] += gpu.capped_per_read_ns.get(policy, 0)
+        fields = {"referenceTime": 0, "violationTime": gpu.capped_ns[policy]}  # ns held down so far
+        return type("c_nvmlViolationTime_t", (), fields)()
 
 
 def gpus(*names: str) -> FakeNVML:

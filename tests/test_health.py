@@ -82,6 +82,7 @@ def train(tiny, tmp_path: Path, steps: int = 12, **options: object) -> tuple[lis
 def test_clock_power_energy_and_throttling_through_a_monitor(tiny, tmp_path: Path, monkeypatch, mfumon_log):
     per_read_j = 500.0  # the fake's energy counter grows 500 J (500,000 mJ) at every read
     nvml = h100(sm_clock_mhz=1755, reasons=0x4, energy_per_read_mj=500_000)  # 0x4: SW power cap
+    nvml.gpus[0].capped_per_read_ns = {0: 5_000_000}  # held down by the power policy 5 ms between reads
     bind(monkeypatch, nvml)
     lines, before, after, _ = train(tiny, tmp_path)
     assert [r["step"] for r in lines] == [4, 8, 12]
@@ -93,6 +94,7 @@ def test_clock_power_energy_and_throttling_through_a_monitor(tiny, tmp_path: Pat
         assert r["sm_clock_max_mhz"] == 1980
         assert not MEM_KEYS & r.keys()  # a CPU run has no allocator figures
     assert K.POWER_W not in lines[0] and K.JOULES_PER_TOKEN not in lines[0]  # step 4: the baseline
+    assert "capped_frac" not in lines[0]
     for r, (a, b) in zip(lines[1:], [(4, 8), (8, 12)], strict=True):
         # One energy read per log: 500 J between the logs at steps a and b. The source reads it in
         # mon.step(a) and mon.step(b), so its host interval lies in [lo, hi]; the window's wall time
@@ -103,6 +105,8 @@ def test_clock_power_energy_and_throttling_through_a_monitor(tiny, tmp_path: Pat
         # times wall / interval, a ratio in [lo / hi, hi / lo]
         per_token = per_read_j / (4 * TOKENS)
         assert per_token * lo / hi <= r[K.JOULES_PER_TOKEN] <= per_token * hi / lo
+        # 5 ms held down by the power policy over the same interval; none by the thermal one
+        assert 0.005 / hi <= r["capped_frac"]["power"] <= 0.005 / lo and r["capped_frac"]["thermal"] == 0
         assert hi / lo < 1.5  # the bounds are tight enough to catch a lost factor
     assert mfumon_records(mfumon_log) == []
     assert nvml.calls.count("init") == nvml.calls.count("shutdown") == 1  # released at close
@@ -165,14 +169,20 @@ def test_two_ranks_combine_min_clock_mean_power_summed_energy_and_ored_reasons()
         h100(watts=300.0, sm_clock_mhz=1980, reasons=0x4),  # SW power cap
         h100(watts=400.0, sm_clock_mhz=1600, reasons=0x4 | 0x40),  # and HW thermal slowdown
     ]
+    ranks[0].gpus[0].capped_per_read_ns = {0: 10_000_000}  # 10 ms power-capped between reads
+    ranks[1].gpus[0].capped_per_read_ns = {0: 2_000_000, 1: 20_000_000}  # 2 ms power, 20 ms thermal
     peak = 989.5e12
     ledgers = [
         Ledger([nvml_source(0, FaultLog(), nvml=n, peak_flops=lambda: peak)], FaultLog()) for n in ranks
     ]
+    first = time.perf_counter()
     for ledger in ledgers:
         ledger.collect()  # the baseline
+    mid = time.perf_counter()
     time.sleep(0.05)
+    second = time.perf_counter()
     rows = [ledger.collect() for ledger in ledgers]
+    lo, hi = second - mid, time.perf_counter() - first  # bounds of each rank's interval between reads
     combined = combine_stats(ledgers[0].ops, rows)  # what the reducer does with every rank's row
     window = Window(steps=10, tokens=1000.0, model_flops=4e15, hardware_flops=4e15, seconds=2.0, wall=2.5)
     metrics, details = ledgers[0].metrics(combined, window, 2)
@@ -181,6 +191,8 @@ def test_two_ranks_combine_min_clock_mean_power_summed_energy_and_ored_reasons()
     # all ranks' energy over the window: (300 + 400) W x 2.5 s wall = 1750 J, / 1000 tokens
     assert metrics[K.JOULES_PER_TOKEN] == pytest.approx(1.75, rel=1e-2)
     assert details["throttle_reasons"] == ["sw_power_cap", "hw_thermal_slowdown"]  # OR over ranks
+    capped = details["capped_frac"]  # the most capped rank's share, per policy
+    assert 0.010 / hi <= capped["power"] <= 0.010 / lo and 0.020 / hi <= capped["thermal"] <= 0.020 / lo
     mfu = 4e15 / (2.0 * 2 * peak)  # FLOPs / (seconds x devices x peak) = 0.00101
     assert utilization(4e15, 2.0, 2, peak) == pytest.approx(mfu)
     assert details["mfu_at_clock"] == pytest.approx(mfu * 1980 / 1600, rel=1e-12)  # the slowest clock
@@ -207,8 +219,19 @@ def test_older_binding_reads_throttle_reasons() -> None:
     nvml.event_reasons = False  # nvidia-ml-py before 12.535: ...ClocksThrottleReasons only
     source = nvml_source(0, FaultLog(), nvml=nvml)
     assert source is not None
-    bits = source.collect()[-16:]
+    at = [f.name for f in source.fields].index("reasons")  # the fields before it are 1 value each
+    bits = source.collect()[at : at + 16]
     assert reason_names(bits) == ["gpu_idle", "hw_slowdown"]
+
+
+def test_a_driver_without_capped_counters_gives_no_capped_frac() -> None:
+    nvml = h100(capped_ns=None)
+    ledger = Ledger([nvml_source(0, FaultLog(), nvml=nvml)], FaultLog())
+    window = Window(steps=4, tokens=128.0, model_flops=1e12, hardware_flops=1e12, seconds=1.0, wall=1.0)
+    ledger.collect()
+    metrics, details = ledger.metrics(ledger.collect(), window, 1)
+    assert "capped_frac" not in details and details["throttle_reasons"] == []
+    assert metrics[K.SM_CLOCK_MHZ] == 1980 and K.POWER_W in metrics
 
 
 def test_an_idle_clock_gives_no_mfu_at_clock() -> None:

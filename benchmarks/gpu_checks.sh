@@ -46,6 +46,15 @@ raw = {"sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
        "reasons": hex(pynvml.nvmlDeviceGetCurrentClocksEventReasons(h)),
        "power_capped_ns": pynvml.nvmlDeviceGetViolationStatus(h, pynvml.NVML_PERF_POLICY_POWER).violationTime}
 print("raw NVML:", raw)
+steps, t0 = [], time.perf_counter()  # how often the energy counter advances (mfumon spans >= 1 s)
+e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+while time.perf_counter() - t0 < 0.5:
+    e = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    if e != e0:
+        steps.append(time.perf_counter())
+        e0 = e
+print("energy counter advanced", len(steps), "times in 0.5 s; gaps ms:",
+      [round((b - a) * 1e3, 1) for a, b in zip(steps, steps[1:])][:10])
 dev = torch.device("cuda", 0)
 torch.ones(1, device=dev)  # the allocator is live
 for src in device_sources(dev, FaultLog(), lambda: None):
@@ -59,9 +68,9 @@ d = 4096  # 8 bf16 Linear layers, 8192 tokens a step: a few ms of GEMMs per step
 model = torch.nn.Sequential(*[torch.nn.Linear(d, d, bias=False) for _ in range(8)]).to(dev, torch.bfloat16)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 out = tempfile.mkdtemp()
-with mfumon.monitor(model, seq_len=1, log_every=20, warmup=5, loggers=("jsonl",), run_name="h", log_dir=out) as mon:
+with mfumon.monitor(model, seq_len=1, log_every=50, warmup=5, loggers=("jsonl",), run_name="h", log_dir=out) as mon:
     torch.cuda.set_sync_debug_mode("error")  # no step and no log may sync
-    for step in range(100):
+    for step in range(300):  # about 10 ms a step: power appears at the first log a second in
         x = torch.randn(8192, d, device=dev, dtype=torch.bfloat16)
         model(x).float().square().mean().backward()
         opt.step()

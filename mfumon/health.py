@@ -3,12 +3,14 @@
 At every log each rank reads its GPU through NVML (a few driver calls, no CUDA call, no
 thread): the SM clock and the clock event ("throttle") reasons at that moment; NVML's energy
 counter; and its counters of the time the clocks were held down by the power and the thermal
-policy (their share of the time between logs, `capped_frac`, sees a cap the moment missed).
-Power is the energy counter's delta over the host seconds since the previous log (the mean power
-between logs); a window's energy is that mean power times the wall time its steps span. A
-device without the counter (before Volta) gives the power at log time and no energy. The first
-log only takes the counters' baseline. A MIG slice reads the clock of its GPU and no power or
-energy: those are the whole board's, shared with the other slices.
+policy (their share of the time since an earlier log, `capped_frac`, sees a cap the moment
+missed). Power is the energy counter's delta over the host seconds since the newest earlier log
+at least `MIN_SPAN_S` back (the counter advances in steps: a longer span keeps the rounding
+small): the mean power; a window's energy is that mean power times the wall time its steps span.
+Power and capped shares thus appear from the first log a second after the first. A device
+without the counter (before Volta) gives the power at log time and no energy. A MIG slice reads
+the clock of its GPU and no power or energy: those are the whole board's, shared with the other
+slices.
 
 Every NVML call goes through an ``nvml`` module parameter (default: ``pynvml``), the one seam
 tests replace. A test runs the NVML source on the CPU by binding the seam arguments:
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,7 @@ from mfumon.metrics import Window, utilization
 
 __all__ = ["THROTTLE_REASONS", "NvmlSource", "device_sources", "nvml_source"]
 
+MIN_SPAN_S = 1.0  # power and capped shares span at least this much counter history (counters step)
 NVML_CLOCK_SM = 1  # nvml.h nvmlClockType_t; read from the binding when it has it
 REASON_BITS = 16  # bits of the reason mask carried across ranks, one "max" slot each (a max ORs 0/1)
 #: nvml.h's nvmlClocksEventReason* (formerly nvmlClocksThrottleReason*) bits, by name.
@@ -51,6 +55,9 @@ THROTTLE_REASONS: dict[int, str] = {
 }
 #: nvml.h's nvmlPerfPolicyType_t: NVML counts the nanoseconds clocks were held down by each policy.
 CAP_POLICIES: dict[str, int] = {"power": 0, "thermal": 1}
+
+
+Reading = tuple[float, float | None, dict[str, int]]  # host seconds, energy mJ, capped ns by policy
 
 
 def reason_names(bits: list[float]) -> list[str]:
@@ -93,7 +100,7 @@ class NvmlSource(Source):
         self._max_clock = float(nvml_int(nvml.nvmlDeviceGetMaxClockInfo(clock, self._sm)))
         self._reasons = _reason_getter(nvml, clock)
         self._policies = {n: p for n, p in CAP_POLICIES.items() if _answers(_capped_ns, nvml, clock, p)}
-        self._last: tuple[float, float | None, dict[str, int]] | None = None  # (s, mJ, capped ns) last log
+        self._readings: deque[Reading] = deque()  # the counters at recent logs, oldest first
         self._closed = False
 
     def collect(self) -> list[float]:
@@ -107,7 +114,8 @@ class NvmlSource(Source):
         if self._board is not None and self._energy:
             mj = float(nvml_int(nvml.nvmlDeviceGetTotalEnergyConsumption(self._board)))
         now = time.perf_counter()
-        last, self._last = self._last, (now, mj, capped)
+        last = self._reference(now)
+        self._readings.append((now, mj, capped))
         seconds = now - last[0] if last is not None else math.nan
         power = at_log = math.nan
         if mj is not None and last is not None and last[1] is not None and mj >= last[1] and seconds > 0:
@@ -123,6 +131,17 @@ class NvmlSource(Source):
         bits = [math.nan if mask is None else float(mask >> n & 1) for n in range(REASON_BITS)]
         ranks = 1.0 if math.isfinite(power) else math.nan
         return [clock, share, self._max_clock, power, ranks, at_log, *bits, *fracs]
+
+    def _reference(self, now: float) -> Reading | None:
+        """The newest earlier reading at least MIN_SPAN_S old (None: not yet), older ones dropped.
+
+        NVML's counters advance in steps (the energy counter every 10-100 ms), so a delta over a
+        short log interval would be mostly rounding: it spans at least a second instead.
+        """
+        readings = self._readings
+        while len(readings) >= 2 and now - readings[1][0] >= MIN_SPAN_S:
+            readings.popleft()
+        return readings[0] if readings and now - readings[0][0] >= MIN_SPAN_S else None
 
     def metrics(
         self, values: dict[str, list[float]], window: Window, world: int

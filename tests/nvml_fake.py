@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 NVML_CLOCK_SM = 1  # nvml.h: nvmlClockType_t NVML_CLOCK_SM
 
@@ -145,8 +146,7 @@ class FakeNVML:
         if gpu.capped_ns is None or policy not in gpu.capped_ns:
             raise NVMLError("Not Supported")
         gpu.capped_ns[policy] += gpu.capped_per_read_ns.get(policy, 0)
-        fields = {"referenceTime": 0, "violationTime": gpu.capped_ns[policy]}  # ns held down so far
-        return type("c_nvmlViolationTime_t", (), fields)()
+        return SimpleNamespace(referenceTime=0, violationTime=gpu.capped_ns[policy])  # ns held down so far
 
 
 def gpus(*names: str) -> FakeNVML:

@@ -34,7 +34,15 @@ from mfumon.ledger import Field, Source
 from mfumon.memory import memory_source
 from mfumon.metrics import Window, utilization
 
-__all__ = ["THROTTLE_REASONS", "NvmlSource", "device_sources", "nvml_source"]
+__all__ = [
+    "CAP_POLICIES",
+    "MIN_SPAN_S",
+    "THROTTLE_REASONS",
+    "NvmlSource",
+    "device_sources",
+    "nvml_source",
+    "reason_names",
+]
 
 MIN_SPAN_S = 1.0  # power and capped shares span at least this much counter history (counters step)
 NVML_CLOCK_SM = 1  # nvml.h nvmlClockType_t; read from the binding when it has it
@@ -104,8 +112,8 @@ class NvmlSource(Source):
         self._closed = False
 
     def collect(self) -> list[float]:
-        """This rank's clock and reason bits now; power and capped shares since the previous log
-        (NaN at the first log, which takes the counters' baseline)."""
+        """This rank's clock and reason bits now; power and capped shares since the newest earlier
+        log at least MIN_SPAN_S back (NaN until the counters have that much history)."""
         nvml, handle = self._nvml, self._clock
         clock = float(nvml_int(nvml.nvmlDeviceGetClockInfo(handle, self._sm)))
         mask = nvml_int(self._reasons(handle)) if self._reasons is not None else None

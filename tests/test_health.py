@@ -86,7 +86,8 @@ def test_clock_power_energy_and_throttling_through_a_monitor(tiny, tmp_path: Pat
     nvml = h100(sm_clock_mhz=1755, reasons=0x4, energy_per_read_mj=500_000)  # 0x4: SW power cap
     nvml.gpus[0].capped_per_read_ns = {0: 5_000_000}  # held down by the power policy 5 ms between reads
     bind(monkeypatch, nvml)
-    # 0.3 s per step: each window spans 1.2 s, over the second of counter history power needs
+    # 0.3 s per step: logs 1.2 s apart, more than the second of counter history power needs, so
+    # each log's power spans back to the log before it
     lines, before, after, _ = train(tiny, tmp_path, sleep_s=0.3)
     assert [r["step"] for r in lines] == [4, 8, 12]
     for r in lines:
@@ -96,7 +97,7 @@ def test_clock_power_energy_and_throttling_through_a_monitor(tiny, tmp_path: Pat
         assert r["mfu_at_clock"] == pytest.approx(r[K.MFU] * 1980 / 1755, rel=1e-12)
         assert r["sm_clock_max_mhz"] == 1980
         assert not MEM_KEYS & r.keys()  # a CPU run has no allocator figures
-    assert K.POWER_W not in lines[0] and K.JOULES_PER_TOKEN not in lines[0]  # step 4: the baseline
+    assert K.POWER_W not in lines[0] and K.JOULES_PER_TOKEN not in lines[0]  # step 4: no history yet
     assert "capped_frac" not in lines[0]
     for r, (a, b) in zip(lines[1:], [(4, 8), (8, 12)], strict=True):
         # One energy read per log: 500 J between the logs at steps a and b. The source reads it in
@@ -119,7 +120,7 @@ def test_nvml_lost_mid_run_drops_its_keys_once_and_training_goes_on(
     tiny, tmp_path: Path, monkeypatch, mfumon_log
 ):
     nvml = h100(energy_per_read_mj=500_000)
-    nvml.lost_at_energy_read = 3  # reads: 1 at setup, 2 at the first log (baseline), 3 at the second
+    nvml.lost_at_energy_read = 3  # reads: 1 at setup, 2 at the first log, 3 at the second
     bind(monkeypatch, nvml)
     lines, _, _, summary = train(tiny, tmp_path, steps=16)
     assert [r["step"] for r in lines] == [4, 8, 12, 16]

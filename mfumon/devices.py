@@ -18,7 +18,15 @@ import torch
 from mfumon._peaks import lookup
 from mfumon.errors import FaultLog
 
-__all__ = ["DeviceIdentity", "cuda_index", "device_name", "faults", "identify_device"]
+__all__ = [
+    "DeviceIdentity",
+    "cuda_index",
+    "device_name",
+    "faults",
+    "identify_device",
+    "nvml_handle",
+    "nvml_int",
+]
 
 faults = FaultLog()  # device-naming faults: one record per kind per process
 
@@ -39,8 +47,9 @@ def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)  # older bindings return bytes
 
 
-def _as_int(value: Any) -> int:
-    return int(getattr(value, "value", value))  # pynvml returns ctypes ints from some getters
+def nvml_int(value: Any) -> int:
+    """An NVML getter's result as an int (pynvml returns ctypes ints from some getters)."""
+    return int(getattr(value, "value", value))
 
 
 def cuda_index(device: torch.device | int | str | None) -> int | None:
@@ -71,7 +80,7 @@ def _load_nvml(nvml: ModuleType | Any | None) -> Any | None:
     return pynvml
 
 
-def _nvml_handle(nvml: Any, index: int, uuid: str | None) -> Any:
+def nvml_handle(nvml: Any, index: int, uuid: str | None = None) -> Any:
     """NVML handle of CUDA device `index` (its UUID when torch gives one, else CUDA_VISIBLE_DEVICES)."""
     if uuid:
         for prefix in ("GPU-", "MIG-"):  # torch prints the bare UUID; NVML wants the prefix
@@ -94,17 +103,17 @@ def _nvml_handle(nvml: Any, index: int, uuid: str | None) -> Any:
 def _nvml_identity(nvml: Any, index: int, uuid: str | None) -> DeviceIdentity:
     nvml.nvmlInit()
     try:
-        handle = _nvml_handle(nvml, index, uuid)
+        handle = nvml_handle(nvml, index, uuid)
         reported = _as_str(nvml.nvmlDeviceGetName(handle))
         try:
-            is_mig = bool(_as_int(nvml.nvmlDeviceIsMigDeviceHandle(handle)))
+            is_mig = bool(nvml_int(nvml.nvmlDeviceIsMigDeviceHandle(handle)))
         except Exception:  # pre-MIG drivers and GPUs lack the call: not a MIG device
             is_mig = False
         if not is_mig:
             return DeviceIdentity(name=reported, reported=reported)
         parent = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
         name = _as_str(nvml.nvmlDeviceGetName(parent))
-        sms = _as_int(nvml.nvmlDeviceGetAttributes(handle).multiprocessorCount)
+        sms = nvml_int(nvml.nvmlDeviceGetAttributes(handle).multiprocessorCount)
         return DeviceIdentity(
             name=name, reported=reported, share=_partition_share(name, sms), mig=True, sm_count=sms
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -124,7 +124,8 @@ class Monitor:
         self.log_dir = Path(log_dir)
         self._timer = StepTimer(self.device)
         self._reducer = Reducer(self._faults)
-        sources = _sources(model, self.device, device_stats, expert_load, self._faults)
+        peak_now = functools.partial(_peak_now, self)  # the peak at log time (autocast may change it)
+        sources = _sources(model, self.device, device_stats, expert_load, self._faults, peak_now)
         self._windows = Windows(
             timer=self._timer,
             reducer=self._reducer,
@@ -291,6 +292,11 @@ def _detect_autocast(mon: Monitor, module: nn.Module, args: Any) -> None:
         mon._faults.fault("dtype", exc)
 
 
+def _peak_now(mon: Monitor) -> float | None:
+    """The per-device peak FLOP/s MFU divides by now (None: unknown)."""
+    return mon.peak.flops
+
+
 def _watch_first_forward(model: nn.Module | None, timer: StepTimer) -> list[Any]:
     """Forward pre-hooks marking each step's first forward (its input wait ends there).
 
@@ -303,14 +309,19 @@ def _watch_first_forward(model: nn.Module | None, timer: StepTimer) -> list[Any]
 
 
 def _sources(
-    model: nn.Module | None, device: torch.device, device_stats: bool, expert_load: bool, faults: FaultLog
+    model: nn.Module | None,
+    device: torch.device,
+    device_stats: bool,
+    expert_load: bool,
+    faults: FaultLog,
+    peak_flops: Callable[[], float | None],
 ) -> list[Source]:
     """The ledger's log-time sources for this run (each finds out at setup whether it can measure)."""
     found: list[Source] = []
     if device_stats:
         from mfumon.health import device_sources
 
-        found += device_sources(device, faults)
+        found += device_sources(device, faults, peak_flops)
     if expert_load and model is not None:
         from mfumon.expert_load import expert_load_source
 

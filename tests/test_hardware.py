@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -17,89 +15,10 @@ from mfumon.devices import device_name, identify_device
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
 from mfumon.hardware import PeakInfo, measure_peak_flops, peak_flops, peak_override_flops, resolve_peak
+from tests.nvml_fake import a100_with_mig, gpus  # the one stand-in: NVML
 
 T = 1e12
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
-
-
-# --------------------------------------------------------------------------------------------
-# The one stand-in: an NVML module with the calls mfumon.devices makes, returning real driver strings.
-# --------------------------------------------------------------------------------------------
-
-
-class NVMLError(Exception):
-    pass
-
-
-@dataclass
-class Handle:
-    name: str
-    uuid: str
-    parent: Handle | None = None  # set for a MIG device
-    sms: int = 0  # SMs a MIG device holds
-
-
-@dataclass
-class FakeNVML:
-    """pynvml's surface as mfumon.devices uses it, over a list of physical GPUs (and MIG slices)."""
-
-    gpus: list[Handle]
-    migs: list[Handle] = field(default_factory=list)
-    init_error: bool = False
-    name_error: bool = False
-    bytes_names: bool = False  # nvidia-ml-py < 11.515 returned bytes
-    calls: list[str] = field(default_factory=list)
-
-    NVMLError = NVMLError
-
-    def nvmlInit(self) -> None:
-        self.calls.append("init")
-        if self.init_error:
-            raise NVMLError("NVML Shared Library Not Found")
-
-    def nvmlShutdown(self) -> None:
-        self.calls.append("shutdown")
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> Handle:
-        if index >= len(self.gpus):
-            raise NVMLError("Invalid Argument")
-        return self.gpus[index]
-
-    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Handle:
-        text = uuid.decode() if isinstance(uuid, bytes) else uuid
-        for handle in self.gpus + self.migs:
-            if handle.uuid == text:
-                return handle
-        raise NVMLError("Not Found")
-
-    def nvmlDeviceGetName(self, handle: Handle) -> str | bytes:
-        if self.name_error:
-            raise NVMLError("GPU is lost")
-        return handle.name.encode() if self.bytes_names else handle.name
-
-    def nvmlDeviceIsMigDeviceHandle(self, handle: Handle) -> ctypes.c_uint:
-        return ctypes.c_uint(int(handle.parent is not None))  # pynvml returns the ctypes int
-
-    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: Handle) -> Handle:
-        assert handle.parent is not None
-        return handle.parent
-
-    def nvmlDeviceGetAttributes(self, handle: Handle) -> object:
-        if handle.parent is None:
-            raise NVMLError("Not Supported")  # NVML answers this for MIG handles only
-        return type("Attributes", (), {"multiprocessorCount": handle.sms})()
-
-
-def gpus(*names: str) -> FakeNVML:
-    return FakeNVML(
-        [Handle(name, f"GPU-{i:08x}-0000-0000-0000-000000000000") for i, name in enumerate(names)]
-    )
-
-
-def a100_with_mig(sms: int = 14, parent: str = "NVIDIA A100-SXM4-40GB") -> FakeNVML:
-    full = Handle(parent, "GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f")
-    mig = Handle(f"{parent} MIG 1g.5gb", "MIG-1baf66e9-5d3c-5d0b-a25c-e67952fe3a14", parent=full, sms=sms)
-    return FakeNVML([full], migs=[mig])
 
 
 pytestmark = pytest.mark.usefixtures("fresh_device_state")

@@ -84,7 +84,7 @@ METRIC_KEYS: dict[str, str] = {
     INPUT_WAIT_MAX_FRAC: "the largest input-wait fraction of any rank in the window (2+ ranks)",
     INPUT_WAIT_MAX_RANK: "the rank with that largest input-wait fraction (2+ ranks)",
     SM_CLOCK_MHZ: "SM clock from NVML at log time, in MHz (lowest over ranks)",
-    POWER_W: "board power from NVML over the window, in W per device (mean over ranks)",
+    POWER_W: "mean board power from NVML since the previous log (at least the last second), W per device",
     JOULES_PER_TOKEN: "device energy over the window (NVML energy counter, all ranks) per token",
     MEM_PEAK_GIB: "the allocator's peak allocated memory in the window, GiB, max over ranks",
     MEM_RESERVED_GIB: "memory reserved by the caching allocator at log time, GiB, max over ranks",

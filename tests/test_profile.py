@@ -1,0 +1,165 @@
+"""`mfumon.profile_step`: one real training step of tiny HF models, timed per component on the CPU."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import mfumon
+from mfumon.roofline import roofline
+from tests.tiny_models import hf_model, token_batch
+
+S, B = 32, 4  # tokens per sequence, sequences per step
+FAMILIES = ("gpt2", "llama", "mixtral")
+
+
+def trainer(kind: str) -> tuple[nn.Module, Any, dict[str, float]]:
+    """A tiny model, a step function (forward, backward, AdamW step) and the step's own wall clock."""
+    model = hf_model(kind, attn="eager" if kind == "gpt2" else "sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batch(B, S)
+    clock: dict[str, float] = {}
+
+    def step() -> None:
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        clock["seconds"] = time.perf_counter() - start
+
+    step()  # the first step allocates AdamW's state: not what a profiled step in a run looks like
+    return model, step, clock
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_rows_add_up_to_the_flop_model_and_the_step(kind: str) -> None:
+    model, step, clock = trainer(kind)
+    profile = mfumon.profile_step(model, step, seq_len=S, tokens=B * S)
+    expected = mfumon.flop_breakdown(model, S).total * B * S  # the MFU numerator of this step
+    assert sum(r.flops for r in profile.rows) == pytest.approx(expected, rel=0.005)
+    assert sum(r.seconds for r in profile.rows) == pytest.approx(profile.seconds, rel=1e-9)
+    # the marks sit just outside step_fn: the step measured around it, within 5%
+    assert profile.seconds == pytest.approx(clock["seconds"], rel=0.05)
+    names = {r.name for r in profile.rows}
+    assert {"attention projections", "attention core", "lm_head + loss", "optimizer", "other"} <= names
+    assert ("routed experts" in names and "router" in names) == (kind == "mixtral")
+    assert all(r.seconds >= 0 and r.bytes >= 0 for r in profile.rows)
+    assert profile.row("optimizer").bytes > 0  # AdamW: params, grads, two moments
+
+
+def test_components_split_like_the_breakdown() -> None:
+    model, step, _ = trainer("mixtral")
+    profile = mfumon.profile_step(model, step, seq_len=S, tokens=B * S)
+    b, tokens = mfumon.flop_breakdown(model, S), B * S
+    assert profile.row("attention core").flops == b.attn_scores * tokens
+    assert profile.row("router").flops == b.router * tokens
+    # 2 layers x 4 experts x 3 matrices of 64 x 96, each token in 2 of 4 experts: 6 x weights x 2/4
+    routed = 2 * 4 * 3 * 64 * 96
+    assert profile.row("routed experts").flops == 6 * routed * 2 // 4 * tokens
+    # with 256 token-slots over 4 experts, every expert's weights are read (3 x fp32 bytes each)
+    assert profile.row("routed experts").bytes > 3 * routed * 4
+
+
+SLOWED = {  # family -> (module class name whose forward the test slows, the row it must top)
+    "llama": ("LlamaMLP", "mlp"),
+    "gpt2": ("GPT2Attention", "attention core"),
+    "mixtral": ("MixtralExperts", "routed experts"),
+}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_slowed_component_tops_the_table(kind: str) -> None:
+    model, step, _ = trainer(kind)
+    cls, row = SLOWED[kind]
+    slowed = [m for m in model.modules() if type(m).__name__ == cls]
+    assert slowed
+    handles = [m.register_forward_hook(lambda *_: time.sleep(0.05)) for m in slowed]  # inside its forward
+    try:
+        profile = mfumon.profile_step(
+            model, step, seq_len=S, tokens=B * S, peak_tflops=1.0, bandwidth_gbs=20.0
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    top = profile.sorted_rows()[0]
+    assert top.name == row
+    assert top.seconds >= 0.05 * len(slowed)
+    assert profile.table().splitlines()[1].startswith(row)  # the table's first row is where to work
+
+
+def test_profiled_step_leaves_no_hook_and_trains_the_same() -> None:
+    model, step, _ = trainer("llama")
+    twin, twin_step, _ = trainer("llama")
+    mfumon.profile_step(model, step, seq_len=S, tokens=B * S)
+    twin_step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q)  # the hooks read, never change, the step
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_roofline_arithmetic() -> None:
+    # 1e12 FLOPs over 1e9 bytes in 2 s; peak 1e12 FLOP/s, 1e11 B/s: intensity 1000 FLOP/B,
+    # ceiling min(1e12, 1000 x 1e11) = 1e12; least time max(1 s, 0.01 s) = 1 s; lost 1 s; fraction 0.5
+    out = roofline(1e12, 1e9, 2.0, 1e12, 1e11)
+    assert out == {
+        "tflops": 0.5,
+        "intensity": 1000.0,
+        "ceiling_tflops": 1.0,
+        "fraction": 0.5,
+        "time_lost": 1.0,
+    }
+    # memory bound: 1e9 FLOPs over 1e9 bytes: ceiling 1 x 1e11 = 1e11 FLOP/s, least time 0.01 s
+    mem = roofline(1e9, 1e9, 0.02, 1e12, 1e11)
+    assert mem["ceiling_tflops"] == pytest.approx(0.1) and mem["time_lost"] == pytest.approx(0.01)
+    # no FLOPs (the optimizer): bytes / bandwidth is its least time
+    assert roofline(0.0, 1e9, 0.05, 1e12, 1e11)["time_lost"] == pytest.approx(0.04)
+    assert roofline(1e9, 1e9, 0.02, None, None)["time_lost"] is None  # no ceiling: nothing claimed
+
+
+def test_table_and_record_shape() -> None:
+    model, step, _ = trainer("gpt2")
+    profile = mfumon.profile_step(model, step, seq_len=S, tokens=B * S, peak_tflops=1.0, bandwidth_gbs=20.0)
+    record = profile.as_dict()
+    assert record["peak_tflops"] == 1.0 and record["bandwidth_gbs"] == 20.0
+    assert record["seconds"] == profile.seconds
+    assert {"name", "flops", "bytes", "seconds", "time_lost"} <= set(record["rows"][0])
+    lost = [r.time_lost for r in profile.sorted_rows()]
+    assert lost == sorted(lost, reverse=True)
+    assert "host clock (CPU)" in profile.table()
+
+
+def test_a_compiled_model_says_what_it_could_not_separate() -> None:
+    model, step, _ = trainer("llama")
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batch(B, S)
+
+    def compiled_step() -> None:
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    compiled_step()
+    profile = mfumon.profile_step(compiled, compiled_step, seq_len=S, tokens=B * S)
+    merged = [r for r in profile.rows if r.name.startswith("compiled: ")]
+    assert len(merged) == 1 and "not separated" in merged[0].note
+    assert "attention core" in merged[0].name and "mlp" in merged[0].name
+    assert not {"attention core", "mlp"} & {r.name for r in profile.rows}  # never guessed apart
+    expected = mfumon.flop_breakdown(model, S).total * B * S
+    assert sum(r.flops for r in profile.rows) == pytest.approx(expected, rel=0.005)
+
+
+def test_bad_arguments_fail_fast() -> None:
+    model, step, _ = trainer("llama")
+    with pytest.raises(mfumon.ConfigError, match="tokens"):
+        mfumon.profile_step(model, step, seq_len=S, tokens=0)
+    with pytest.raises(mfumon.ConfigTypeError, match="step_fn"):
+        mfumon.profile_step(model, None, seq_len=S, tokens=8)  # type: ignore[arg-type]
+    with pytest.raises(mfumon.ConfigError, match="bandwidth_gbs"):
+        mfumon.profile_step(model, step, seq_len=S, tokens=8, bandwidth_gbs=-1.0)

@@ -134,6 +134,8 @@ def build_profile(
     costs = component_costs(cmap, breakdown, tokens=tokens, act_bytes=_ELEMENT_BYTES.get(dtype, 4))
     costs.bytes[OPTIMIZER] = optimizer_bytes(recorder.optimizers)
     notes = [f"{'device events' if recorder.cuda else 'host clock (CPU)'}; matmul dtype {dtype}"]
+    if peak_flops is not None and bandwidth is None:
+        notes.append("memory bandwidth unknown: ceilings and time lost are against the compute peak alone")
     if not recorder.optimizers:
         notes.append("no torch.optim optimizer stepped in this step: its time, if any, is in other")
     rows = []
@@ -245,3 +247,78 @@ def _device(model: nn.Module, device: torch.device | str | None) -> torch.device
     if found.type == "cuda" and found.index is None:
         found = torch.device("cuda", torch.cuda.current_device())
     return found
+
+
+class MonitorProfiler:
+    """`Monitor(profile_every=N)`: profiles step k x N (k >= 1, after warm-up) inside a running monitor.
+
+    At the end of step k x N - 1 it pauses the step timer (so step k x N is untimed: out of the MFU
+    windows) and arms the hooks; at the end of step k x N it reads the marks (one sync), removes the
+    hooks and sends the profile to the loggers (`Logger.log_profile`). Steps in between run with no
+    hook. A failure is reported once and switches profiling off; training goes on.
+    """
+
+    def __init__(self, every: int, monitor: Any) -> None:
+        self.every = check_int("profile_every", every, "optimizer steps per profiled step")
+        self._mon = monitor  # the Monitor: its model, FLOP model, timer, windows, faults, device
+        self._recorder: Any = None  # a StepRecorder, built at the first profiled step
+        self.off = False
+        self.profiles = 0  # profiles sent to the loggers
+        self.last: StepProfile | None = None
+
+    def after_step(self, step: int, tokens: Any) -> None:
+        """Called at the end of every optimizer step `step` (its `tokens`: an int or a 0-d tensor),
+        after the timer marked it; never raises."""
+        if self.off:
+            return
+        mon = self._mon
+        try:
+            if self._recorder is not None and self._recorder.armed:
+                self._finish(step, tokens)
+            if (step + 1) % self.every == 0 and step + 1 > mon._windows.first_step + mon._warmup:
+                if self._recorder is None:
+                    self._recorder = StepRecorder(mon.model, mon.device)
+                mon._timer.pause()  # the profiled step ends while paused: untimed, out of the windows
+                self._recorder.arm()
+        except Exception as exc:  # a monitor must never stop a training run
+            self.remove()
+            self.off = True
+            mon._faults.fault("profile", exc, "step profiling is switched off, training goes on")
+
+    def _finish(self, step: int, tokens: Any) -> None:
+        mon, recorder = self._mon, self._recorder
+        by, total = recorder.finish()  # host sync: once, after the profiled step
+        count = round(float(tokens))  # a device count is ready: the step's work has been waited for
+        peak = mon.peak
+        breakdown = mon.flops.breakdown or flop_breakdown(mon.model, mon.flops.seq_len, recompute="none")
+        _, bandwidth = ceilings(mon.device, peak.dtype, None, None)
+        profile = build_profile(
+            recorder,
+            by,
+            total,
+            breakdown=breakdown,
+            tokens=count,
+            dtype=peak.dtype,
+            peak_flops=peak.flops,
+            bandwidth=bandwidth,
+            device=mon.device_name,
+        )
+        self.last = profile
+        self.profiles += 1
+        mon._windows.loggers.call("log_profile", profile, step)
+
+    def remove(self) -> None:
+        """Remove any hooks still armed (at close, or after a fault)."""
+        if self._recorder is not None:
+            self._recorder.remove()
+
+
+def monitor_profiler(every: int | None, monitor: Any) -> MonitorProfiler | None:
+    """The monitor's profiler for `profile_every=every`, or None when off; ConfigError without a model."""
+    if every is None:
+        return None
+    if monitor.model is None:
+        raise ConfigError("profile_every needs the model: pass Monitor(model, profile_every=N)")
+    if monitor.flops.seq_len is None and monitor.flops.breakdown is None:
+        raise ConfigError("profile_every needs seq_len=<tokens per sequence> to split the FLOPs")
+    return MonitorProfiler(every, monitor)

@@ -327,17 +327,17 @@ def roofline(
 ) -> dict[str, float | None]:
     """Achieved FLOP/s, intensity (FLOPs per byte), ceiling FLOP/s, fraction of it, and time lost.
 
-    The least time is max(flops / peak, bytes / bandwidth), the roofline's; None where unknown.
+    The least time is max(flops / peak, bytes / bandwidth), the roofline's; with no bandwidth known,
+    flops / peak (the compute roof alone); None with no peak (except for rows with no FLOPs).
     """
     intensity = flops / nbytes if nbytes > 0 else None
     achieved = flops / seconds if seconds > 0 else None
-    ceiling = None
-    if peak_flops is not None and bandwidth is not None and intensity is not None:
-        ceiling = min(peak_flops, intensity * bandwidth)
-    elif peak_flops is not None and nbytes <= 0:
-        ceiling = peak_flops
+    ceiling: float | None = None
     least: float | None = None
-    if peak_flops is not None and (bandwidth is not None or nbytes <= 0):
+    if peak_flops is not None:  # with no bandwidth, the compute roof alone (the profile notes it)
+        ceiling = (
+            peak_flops if bandwidth is None or intensity is None else min(peak_flops, intensity * bandwidth)
+        )
         least = max(flops / peak_flops, nbytes / bandwidth if bandwidth else 0.0)
     elif bandwidth is not None and flops <= 0:
         least = nbytes / bandwidth

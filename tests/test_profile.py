@@ -120,6 +120,7 @@ def test_roofline_arithmetic() -> None:
     # no FLOPs (the optimizer): bytes / bandwidth is its least time
     assert roofline(0.0, 1e9, 0.05, 1e12, 1e11)["time_lost"] == pytest.approx(0.04)
     assert roofline(1e9, 1e9, 0.02, None, None)["time_lost"] is None  # no ceiling: nothing claimed
+    assert roofline(1e9, 1e9, 0.02, 1e11, None)["time_lost"] == pytest.approx(0.01)  # compute roof alone
 
 
 def test_table_and_record_shape() -> None:
@@ -163,3 +164,103 @@ def test_bad_arguments_fail_fast() -> None:
         mfumon.profile_step(model, None, seq_len=S, tokens=8)  # type: ignore[arg-type]
     with pytest.raises(mfumon.ConfigError, match="bandwidth_gbs"):
         mfumon.profile_step(model, step, seq_len=S, tokens=8, bandwidth_gbs=-1.0)
+
+
+# --- in the monitor -----------------------------------------------------------------------------
+
+
+class Profiles(mfumon.Logger):
+    """Keeps what the monitor sends: profiles by step, and the windows' step times."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[int, Any] = {}
+        self.windows: list[int] = []
+
+    def log_profile(self, profile: Any, step: int) -> None:
+        self.profiles[step] = profile
+
+    def log(self, metrics: Any, step: int) -> None:
+        self.windows.append(step)
+
+
+def hook_count(model: nn.Module) -> int:
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return hooks + sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+def test_monitor_profiles_one_step_in_n_outside_the_windows(tmp_path: Any) -> None:
+    model, _, _ = trainer("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batch(B, S)
+    seen = Profiles()
+    loggers = (seen, "jsonl")
+    with mfumon.monitor(
+        model,
+        seq_len=S,
+        log_every=6,
+        warmup=1,
+        profile_every=4,
+        loggers=loggers,
+        log_dir=tmp_path,
+        run_name="r",
+        peak_tflops=1.0,
+    ) as mon:
+        base = hook_count(model)  # the monitor's own first-forward hooks
+        counts = []
+        for _ in range(12):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=B * S)
+            counts.append(hook_count(model))
+    assert sorted(seen.profiles) == [4, 8, 12]
+    # armed after steps 3, 7, 11 (for 4, 8, 12), removed after those: no hook on the other steps
+    assert [c > base for c in counts] == [i in (3, 7, 11) for i in range(1, 13)]
+    assert hook_count(model) == 0  # close removed everything
+    profile = seen.profiles[8]
+    assert sum(r.flops for r in profile.rows) == pytest.approx(mon.flops_per_token * B * S, rel=0.005)
+    assert profile.peak_flops == 1e12
+    # 12 steps - 1 warm-up - 3 profiled = 8 timed steps in the windows
+    assert mon.summary()["steps"] == 8
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    profiled = [r for r in records if "profile" in r]
+    assert [r["step"] for r in profiled] == [4, 8, 12]
+    rows = profiled[0]["profile"]["rows"]
+    assert {"name", "flops", "bytes", "seconds", "time_lost"} <= set(rows[0])
+    assert profiled[0]["profile"]["peak_tflops"] == 1.0
+    assert sum(r["seconds"] for r in rows) == pytest.approx(profiled[0]["profile"]["seconds"])
+
+
+def test_a_failing_profile_is_reported_once_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.tiny_models import ListMoE
+
+    model, _, _ = trainer("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batch(B, S)
+    seen = Profiles()
+    with mfumon.monitor(
+        model, seq_len=S, log_every=2, warmup=0, profile_every=2, loggers=seen, peak_tflops=1.0
+    ) as mon:
+        # the model changes after setup: an MoE whose top_k the walk cannot find (kept as `k`)
+        model.model.layers[0].mlp = ListMoE(64, 32, num_experts=4, top_k=2, top_k_attr="k")
+        for _ in range(6):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=B * S)
+    faults = [r for r in caplog.records if "profile fault" in r.getMessage()]
+    assert len(faults) == 1 and "switched off" in faults[0].getMessage()
+    assert seen.profiles == {}
+    assert seen.windows == [2, 4, 6]  # every window logged: no step left untimed
+    assert hook_count(model) == 0
+
+
+def test_profile_every_needs_a_model_and_a_positive_n() -> None:
+    with pytest.raises(mfumon.ConfigError, match="profile_every must be an int >= 1"):
+        mfumon.Monitor(
+            nn.Linear(4, 4), seq_len=4, profile_every=0, loggers=(), peak_tflops=1.0, self_check=False
+        )
+    with pytest.raises(mfumon.ConfigError, match="profile_every needs the model"):
+        mfumon.Monitor(flops_per_token=6, profile_every=3, loggers=(), peak_tflops=1.0)

@@ -252,9 +252,9 @@ def _device(model: nn.Module, device: torch.device | str | None) -> torch.device
 class MonitorProfiler:
     """`Monitor(profile_every=N)`: profiles step k x N (k >= 1, after warm-up) inside a running monitor.
 
-    At the end of step k x N - 1 it pauses the step timer (so step k x N is untimed: out of the MFU
-    windows) and arms the hooks; at the end of step k x N it reads the marks (one sync), removes the
-    hooks and sends the profile to the loggers (`Logger.log_profile`). Steps in between run with no
+    At the end of step k x N - 1 it arms the hooks; at the end of step k x N it leaves that step
+    untimed (out of the MFU windows), reads the marks (one sync), removes the hooks and sends the
+    profile to the loggers (`Logger.log_profile`). Steps in between run with no
     hook. A failure is reported once and switches profiling off; training goes on.
     """
 
@@ -274,11 +274,11 @@ class MonitorProfiler:
         mon = self._mon
         try:
             if self._recorder is not None and self._recorder.armed:
+                mon._timer.untime_last()  # its hooks slowed it: the profiled step stays out of the windows
                 self._finish(step, tokens)
             if (step + 1) % self.every == 0 and step + 1 > mon._windows.first_step + mon._warmup:
                 if self._recorder is None:
                     self._recorder = StepRecorder(mon.model, mon.device)
-                mon._timer.pause()  # the profiled step ends while paused: untimed, out of the windows
                 self._recorder.arm()
         except Exception as exc:  # a monitor must never stop a training run
             self.remove()

@@ -78,7 +78,7 @@ def test_a_slowed_component_tops_the_table(kind: str) -> None:
     cls, row = SLOWED[kind]
     slowed = [m for m in model.modules() if type(m).__name__ == cls]
     assert slowed
-    handles = [m.register_forward_hook(lambda *_: time.sleep(0.05)) for m in slowed]  # inside its forward
+    handles = [m.register_forward_hook(lambda *_: time.sleep(0.25)) for m in slowed]  # inside its forward
     try:
         profile = mfumon.profile_step(
             model, step, seq_len=S, tokens=B * S, peak_tflops=1.0, bandwidth_gbs=20.0
@@ -88,7 +88,7 @@ def test_a_slowed_component_tops_the_table(kind: str) -> None:
             h.remove()
     top = profile.sorted_rows()[0]
     assert top.name == row
-    assert top.seconds >= 0.05 * len(slowed)
+    assert top.seconds >= 0.25 * len(slowed)
     assert profile.table().splitlines()[1].startswith(row)  # the table's first row is where to work
 
 

@@ -77,13 +77,14 @@ class StepProfile:
 
     def table(self) -> str:
         """The rows as a printable table, sorted by time lost: the first row is where to work."""
-        head = f"{'component':<34}{'ms':>9}{'% step':>8}{'GFLOP':>10}{'TFLOP/s':>9}{'FLOP/B':>8}"
+        width = max(len("component"), *(len(r.name) for r in self.rows)) + 2
+        head = f"{'component':<{width}}{'ms':>9}{'% step':>8}{'GFLOP':>10}{'TFLOP/s':>9}{'FLOP/B':>8}"
         head += f"{'ceiling':>9}{'% ceil':>8}{'lost ms':>9}"
         lines = [head]
         for r in self.sorted_rows():
             share = 100 * r.seconds / self.seconds if self.seconds > 0 else 0.0
             cells = [
-                f"{r.name[:33]:<34}{r.seconds * 1e3:>9.3f}{share:>8.1f}{r.flops / 1e9:>10.4g}",
+                f"{r.name:<{width}}{r.seconds * 1e3:>9.3f}{share:>8.1f}{r.flops / 1e9:>10.4g}",
                 _cell(r.tflops, 9, ".3g"),
                 _cell(r.intensity, 8, ".3g"),
                 _cell(r.ceiling_tflops, 9, ".4g"),
@@ -148,6 +149,14 @@ def build_profile(
         nbytes = sum(costs.bytes[c] for c in merged)
         note = f"torch.compile'd ({where}): these components run inside compiled code and are not separated"
         rows.append(_row(name, flops, nbytes, secs, peak_flops, bandwidth, note))
+    for group, why in cmap.joined:
+        parts = sorted(c for c in group if c in seconds_by)
+        if len(parts) > 1:
+            secs = sum(seconds_by.pop(c) for c in parts)
+            flops = sum(costs.flops[c] for c in parts)
+            nbytes = sum(costs.bytes[c] for c in parts)
+            note = f"{why}: not separable"
+            rows.append(_row(" + ".join(parts), flops, nbytes, secs, peak_flops, bandwidth, note))
     for name in COMPONENTS:
         if name not in seconds_by:
             continue

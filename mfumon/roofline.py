@@ -93,6 +93,7 @@ class ComponentMap:
     units: list[tuple[str, nn.Module, str]]  # (path, module, component of its exclusive time)
     compiled: list[str] = field(default_factory=list)  # paths of compiled regions (not separated inside)
     merged: set[str] = field(default_factory=set)  # components a compiled region hides
+    joined: list[tuple[set[str], str]] = field(default_factory=list)  # components one module runs as one
     structure: Structure | None = None
 
 
@@ -156,6 +157,12 @@ def component_map(model: nn.Module) -> ComponentMap:
             return
         if id(m) in special:
             out.units.append((path, m, special[id(m)]))
+            own = {
+                _BY_CATEGORY[category.get(id(p), "vector")] for p in m._parameters.values() if p is not None
+            }
+            if own - {special[id(m)], NORMS}:  # e.g. nn.MultiheadAttention's in_proj_weight
+                why = f"{path} ({type(m).__name__}) multiplies its own weights inside its forward"
+                out.joined.append((own - {NORMS} | {special[id(m)]}, why))
             for name, child in m._modules.items():
                 if child is not None:
                     visit(f"{path}.{name}" if path else name, child, special[id(m)])

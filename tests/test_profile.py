@@ -156,6 +156,31 @@ def test_a_compiled_model_says_what_it_could_not_separate() -> None:
     assert sum(r.flops for r in profile.rows) == pytest.approx(expected, rel=0.005)
 
 
+def test_a_module_multiplying_its_own_weights_joins_their_rows() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train_tiny_gpt import TinyGPT  # nn.MultiheadAttention: in_proj_weight is the module's own
+
+    model = TinyGPT(128, 32, d_model=64, n_layers=2, n_heads=4)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randint(0, 128, (2, 32))
+
+    def step() -> None:
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    profile = mfumon.profile_step(model, step, seq_len=32, tokens=64)
+    joined = profile.row("attention core + attention projections")
+    assert joined is not None and "not separable" in joined.note and joined.seconds > 0
+    assert profile.row("attention projections") is None  # not shown apart with a time it does not have
+    assert sum(r.flops for r in profile.rows) == pytest.approx(
+        mfumon.flop_breakdown(model, 32).total * 64, rel=0.005
+    )
+
+
 def test_bad_arguments_fail_fast() -> None:
     model, step, _ = trainer("llama")
     with pytest.raises(mfumon.ConfigError, match="tokens"):

@@ -342,9 +342,12 @@ def roofline(
     ceiling: float | None = None
     least: float | None = None
     if peak_flops is not None:  # with no bandwidth, the compute roof alone (the profile notes it)
-        ceiling = (
-            peak_flops if bandwidth is None or intensity is None else min(peak_flops, intensity * bandwidth)
-        )
+        if flops > 0:  # a row with no FLOPs (optimizer, other) has a least time but no FLOP/s ceiling
+            ceiling = (
+                peak_flops
+                if bandwidth is None or intensity is None
+                else min(peak_flops, intensity * bandwidth)
+            )
         least = max(flops / peak_flops, nbytes / bandwidth if bandwidth else 0.0)
     elif bandwidth is not None and flops <= 0:
         least = nbytes / bandwidth

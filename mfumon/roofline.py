@@ -146,8 +146,8 @@ def component_map(model: nn.Module) -> ComponentMap:
             out.merged |= {_BY_CATEGORY[c] for c in every} | ({ATTN_CORE} if inside_special(m) else set())
             if hasattr(m, "_orig_mod"):  # an OptimizedModule wrapper: its own hooks run eagerly
                 out.units.append((path, m, "compiled"))
-            elif parent_label is not None:  # compiled in place: hooks on it would be traced; time it
-                out.merged.add(parent_label)  # as part of its parent, whose own time merges with it
+            else:  # compiled in place: hooks on it would be traced; it is timed as part of its parent,
+                out.merged.add(parent_label or OTHER)  # whose own time merges with it (the root's: other)
             return
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             out.units.append((path, m, EMBEDDINGS))

@@ -38,7 +38,7 @@ class StepRecorder:
             }
             self._ancestors.append(up)
         self._handles: list[Any] = []
-        self._marks: list[tuple[Any, int, int]] = []
+        self._marks: list[tuple[Any, int, int, bool]] = []  # (clock, kind, unit, inside backward)
         self.optimizers: list[torch.optim.Optimizer] = []
         self._waiting: dict[int, set[int]] = {}  # unit -> parameter ids whose gradient ends its backward
         self.failed: BaseException | None = None
@@ -51,7 +51,8 @@ class StepRecorder:
             clock.record(torch.cuda.current_stream(self.device))
         else:
             clock = time.perf_counter()
-        self._marks.append((clock, kind, unit))
+        # inside the autograd engine (backward hooks, and forwards re-run by activation checkpointing)
+        self._marks.append((clock, kind, unit, torch._C._current_graph_task_id() != -1))
 
     def _safe(self, fn: Callable[..., None]) -> Callable[..., None]:
         def hook(*args: Any) -> None:
@@ -155,7 +156,7 @@ class StepRecorder:
         open_at: dict[int, list[int]] = {}  # unit -> order numbers of its open calls
         from_backward: set[int] = set()
         marks = self._marks
-        for i, (_, kind, unit) in enumerate(marks[:-1]):
+        for i, (_, kind, unit, backward) in enumerate(marks[:-1]):
             if kind in (_OPEN_F, _OPEN_B) and unit >= _OPT:
                 open_at.setdefault(unit, []).append(i)
                 if kind == _OPEN_B:
@@ -164,8 +165,9 @@ class StepRecorder:
                 open_at[unit].pop()
                 if not open_at[unit]:
                     del open_at[unit]
-            backward = kind in (_OPEN_B, _CLOSE_B, _TICK)
-            if backward and marks[i + 1][1] not in (_OPEN_B, _CLOSE_B, _TICK):  # the backward pass ended
+            if (
+                backward and not marks[i + 1][3]
+            ):  # the backward pass ended: what it opened and left open closes
                 for u in from_backward:
                     open_at.pop(u, None)
                 from_backward.clear()

@@ -80,8 +80,12 @@ def timed_run(
     every: int | None,
     device: torch.device,
 ) -> list[float]:
-    """Seconds of each step (1-based index i at position i - 1) under a monitor."""
+    """Seconds of each step (1-based index i at position i - 1) under a monitor.
+
+    On the CPU, process CPU time (one thread): a shared machine's load moves wall time by tens of %.
+    """
     out = []
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     dtype = "bf16" if device.type == "cuda" else "fp32"
     with mfumon.monitor(
         model,
@@ -97,12 +101,12 @@ def timed_run(
         for _ in range(steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the benchmark's own clock, not the monitor's
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             mon.step(tokens=tokens)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
     return out
 
 
@@ -114,6 +118,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU time of one thread: comparable across runs on a busy machine
     kind = args.model or ("gpt2" if device.type == "cuda" else "tiny")
     model, step, tokens, seq = build(kind, device)
     for _ in range(3):

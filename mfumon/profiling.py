@@ -212,9 +212,10 @@ def profile_step(
     recorder.arm()
     try:
         step_fn()
-    finally:
-        recorder.remove()
-    by, total = recorder.finish()
+    except BaseException:
+        recorder.remove()  # the caller's error, raised as is, with no hook left behind
+        raise
+    by, total = recorder.finish()  # the end mark first, then the hooks go
     name = torch.cuda.get_device_name(target) if recorder.cuda else target.type
     return build_profile(
         recorder,

@@ -22,7 +22,7 @@ FLOPs and bytes per row, and the roofline: `mfumon.roofline`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -313,6 +313,9 @@ class MonitorProfiler:
             bandwidth=bandwidth,
             device=mon.device_name,
         )
+        if mon.flops.breakdown is None:  # flops_per_token= was given: the rows split the model's own count
+            note = "FLOPs per row from the model's structure, not the flops_per_token= the monitor was given"
+            profile = replace(profile, notes=(*profile.notes, note))
         self.last = profile
         self.profiles += 1
         mon._windows.loggers.call("log_profile", profile, step)

@@ -46,7 +46,7 @@ from torch import nn
 from mfumon._experts import explicit_registrations
 from mfumon._grads import grad_flow
 from mfumon._structure import Structure, find_structure
-from mfumon._walk import all_params, full_numel, full_shape, int_attr, named_modules
+from mfumon._walk import all_params, full_numel, full_shape, int_attr, named_modules, param
 from mfumon.flops import FlopBreakdown
 
 __all__ = [
@@ -120,7 +120,7 @@ def component_map(model: nn.Module) -> ComponentMap:
             for _, m in named_modules(root)
             if not isinstance(m, nn.Embedding)
             and found.lm_head_weight is not None
-            and m._parameters.get("weight") is found.lm_head_weight
+            and param(m, "weight") is found.lm_head_weight
         ),
         None,
     )

@@ -19,8 +19,8 @@ python -c "import sys, torch; print(sys.version.split()[0], torch.__version__, t
 section "tests that need a GPU"
 timeout 120 python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_hardware.py \
   tests/test_cli_peak.py $(ls tests/test_step_shapes.py 2>/dev/null) 2>&1 | tail -12
-section "mfumon peak --measure"
-timeout 60 python -m mfumon peak --measure 2>&1 | tail -25
+section "mfumon peak --measure (GEMMs per dtype and the copy bandwidth)"
+timeout 90 python -m mfumon peak --measure 2>&1 | tail -25
 section "gpu_peak_check.py"
 timeout 60 python benchmarks/gpu_peak_check.py --iters 20 > "$OUT/peak.json" 2>"$OUT/peak.err"; tail -c 3000 "$OUT/peak.json"; tail -3 "$OUT/peak.err"
 section "bench_overhead.py (GPU step under set_sync_debug_mode('error'))"
@@ -84,4 +84,7 @@ for line in open(f"{out}/h.jsonl"):
     print(r["step"], {k.removeprefix("mfumon/"): r[k] for k in keys if k in r})
 print("torch max_memory_allocated now (GiB):", torch.cuda.max_memory_allocated() / 2**30)
 PY
+section "bench_profile.py (step profile: GPT-2 small bf16, then a small MoE; compare % ceil with peak --measure above)"
+timeout 150 python benchmarks/bench_profile.py --model gpt2 --steps 30 --every 10 --repeats 2 2>&1 | tail -25 | tee "$OUT/profile_gpt2.txt"
+timeout 150 python benchmarks/bench_profile.py --model moe --steps 30 --every 10 --repeats 2 2>&1 | tail -25 | tee "$OUT/profile_moe.txt"
 section done

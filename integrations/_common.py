@@ -64,6 +64,7 @@ class CallbackOptions:
     recompute: Any = "auto"  # activation-checkpointing recompute for HFU, as for mfumon.Monitor
     step_shapes: bool = True  # each batch's own documents or sequence length set its attention FLOPs
     self_check: bool = True  # trace one step on fake tensors at setup, as for mfumon.Monitor
+    profile_every: int | None = None  # profile one optimizer step in N per component, as for mfumon.Monitor
 
     def __post_init__(self) -> None:
         for name, what in (
@@ -71,6 +72,7 @@ class CallbackOptions:
             ("tokens_per_batch", "tokens in one batch on one device"),
             ("log_every", "optimizer steps per log"),
             ("flops_per_token", "training FLOPs per token"),
+            ("profile_every", "optimizer steps per profiled step"),
         ):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), what)
@@ -122,6 +124,9 @@ class _Gate(Logger):
 
     def log_details(self, details: Mapping[str, Any], step: int) -> None:
         self._call("log_details", details, step)
+
+    def log_profile(self, profile: Any, step: int) -> None:
+        self._call("log_profile", profile, step)
 
     def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
         self._call("log_warmup", metrics, step, warmup)
@@ -287,6 +292,7 @@ class CallbackCore:
             recompute=opts.recompute,
             initial_step=initial_step,
             self_check=opts.self_check,
+            profile_every=opts.profile_every,
         )
 
     # -- per step ------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ _LAZY = {
     "count_params": "mfumon.params",
     "register_moe": "mfumon.params",
     "plot": "mfumon.plotting",
+    "StepProfile": "mfumon.profiling",
+    "profile_step": "mfumon.profiling",
     "compare": "mfumon.comparison",
     "report": "mfumon.reporting",
 }
@@ -63,6 +65,7 @@ __all__ = [
     "MissingDependencyError",
     "Monitor",
     "ParamCounts",
+    "StepProfile",
     "compare",
     "count_params",
     "flop_breakdown",
@@ -71,6 +74,7 @@ __all__ = [
     "monitor",
     "peak_flops",
     "plot",
+    "profile_step",
     "register_moe",
     "report",
 ]

@@ -19,7 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["DTYPES", "PEAKS", "DevicePeak", "lookup", "normalize_name"]
+__all__ = [
+    "BANDWIDTH",
+    "DTYPES",
+    "PEAKS",
+    "DevicePeak",
+    "MemoryBandwidth",
+    "lookup",
+    "lookup_bandwidth",
+    "normalize_name",
+]
 
 # canonical matmul dtype names, widest first
 DTYPES: tuple[str, ...] = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4")
@@ -481,3 +490,91 @@ _INDEX: dict[str, DevicePeak] = {normalize_name(name): row for name, row in PEAK
 def lookup(name: str) -> DevicePeak | None:
     """The row for an exact driver name (whitespace and case normalized); None if not in the table."""
     return _INDEX.get(normalize_name(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory bandwidth per driver name: the datasheet's peak DRAM (HBM / GDDR) bandwidth of one device,
+# in GB/s (10^9 bytes/s). Per name, not per row: the 40 GB and 80 GB A100 share compute, not memory.
+# Multi-GPU systems' figures are divided by their GPU count; an MI250X GCD gets half of the OAM's.
+# A name with no published figure is absent (its bandwidth is None), never borrowed from a sibling.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryBandwidth:
+    """One device's datasheet memory bandwidth in GB/s, its memory, and the datasheet."""
+
+    gbs: float  # peak DRAM bandwidth, GB/s (10^9 bytes/s)
+    memory: str  # what the datasheet names (size and kind), for people
+    source: str
+
+
+_BANDWIDTH_ROWS: list[tuple[tuple[str, ...], MemoryBandwidth]] = [
+    (
+        ("Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB", "Tesla V100-SXM3-32GB"),
+        MemoryBandwidth(900, "16/32 GB HBM2", _V100),
+    ),
+    (("Tesla V100-PCIE-16GB", "Tesla V100-PCIE-32GB"), MemoryBandwidth(900, "16/32 GB HBM2", _V100)),
+    (("Tesla V100S-PCIE-32GB",), MemoryBandwidth(1134, "32 GB HBM2", _V100)),
+    (("Tesla T4",), MemoryBandwidth(320, "16 GB GDDR6 (printed 320+ GB/s)", _T4)),
+    (("NVIDIA A10",), MemoryBandwidth(600, "24 GB GDDR6", _A10)),
+    (("NVIDIA A10G",), MemoryBandwidth(600, "24 GB GDDR6", _A10G)),
+    (("NVIDIA A30",), MemoryBandwidth(933, "24 GB HBM2", _A30)),
+    (("NVIDIA A40",), MemoryBandwidth(696, "48 GB GDDR6", _A40)),
+    (
+        (
+            "NVIDIA A100-SXM4-40GB",
+            "NVIDIA A100-PG509-200",
+            "A100-SXM4-40GB",
+            "NVIDIA A100-PCIE-40GB",
+            "A100-PCIE-40GB",
+        ),
+        MemoryBandwidth(1555, "40 GB HBM2", _A100),
+    ),
+    (
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA PG509-210", "A100-SXM-80GB"),
+        MemoryBandwidth(2039, "80 GB HBM2e", _A100),
+    ),
+    (("NVIDIA A100 80GB PCIe", "NVIDIA A100-PCIE-80GB"), MemoryBandwidth(1935, "80 GB HBM2e", _A100)),
+    (("NVIDIA A800-SXM4-40GB",), MemoryBandwidth(1555, "40 GB HBM2", _A800)),
+    (("NVIDIA A800-SXM4-80GB",), MemoryBandwidth(2039, "80 GB HBM2e", _A800)),
+    (("NVIDIA A800 80GB PCIe", "NVIDIA A800 80GB PCIe LC"), MemoryBandwidth(1935, "80 GB HBM2e", _A800)),
+    (("NVIDIA RTX A6000",), MemoryBandwidth(768, "48 GB GDDR6", _GA102)),
+    (("NVIDIA GeForce RTX 3090",), MemoryBandwidth(936, "24 GB GDDR6X", _GA102)),
+    (("NVIDIA GeForce RTX 4090",), MemoryBandwidth(1008, "24 GB GDDR6X", _ADA)),
+    (("NVIDIA RTX 6000 Ada Generation",), MemoryBandwidth(960, "48 GB GDDR6", _ADA)),
+    (("NVIDIA L4",), MemoryBandwidth(300, "24 GB GDDR6", _L4)),
+    (("NVIDIA L40",), MemoryBandwidth(864, "48 GB GDDR6", _L40)),
+    (("NVIDIA L40S",), MemoryBandwidth(864, "48 GB GDDR6", _L40S)),
+    (("NVIDIA H100 80GB HBM3",), MemoryBandwidth(3350, "80 GB HBM3", _H100)),
+    (("NVIDIA H100 PCIe",), MemoryBandwidth(2000, "80 GB HBM2e", _H100)),
+    (("NVIDIA H100 NVL",), MemoryBandwidth(3900, "94 GB HBM3", _H100)),
+    (("NVIDIA H800",), MemoryBandwidth(3350, "80 GB HBM3", _H800)),
+    (("NVIDIA H800 PCIe",), MemoryBandwidth(2000, "80 GB HBM2e", _H800)),
+    (("NVIDIA H20",), MemoryBandwidth(4000, "96 GB HBM3", _H20)),
+    (("NVIDIA H200",), MemoryBandwidth(4800, "141 GB HBM3e", _H200)),
+    (("NVIDIA H200 NVL",), MemoryBandwidth(4800, "141 GB HBM3e", _H200)),
+    (("NVIDIA GH200 480GB",), MemoryBandwidth(4000, "96 GB HBM3 (beside 480 GB LPDDR5X)", _GH200)),
+    (("NVIDIA GH200 144G HBM3e",), MemoryBandwidth(4900, "144 GB HBM3e", _GH200)),
+    (("NVIDIA B200",), MemoryBandwidth(64000 / 8, "HGX B200: 64 TB/s over 8 GPUs", _HGX)),
+    (("NVIDIA GB200",), MemoryBandwidth(576000 / 72, "GB200 NVL72: 576 TB/s over 72 GPUs", _GB200)),
+    (
+        ("NVIDIA B300 SXM6 AC", "NVIDIA B300"),
+        MemoryBandwidth(64000 / 8, "HGX B300: 64 TB/s over 8 GPUs", _HGX),
+    ),
+    (("NVIDIA GB300",), MemoryBandwidth(576000 / 72, "GB300 NVL72: 576 TB/s over 72 GPUs", _GB300)),
+    (
+        ("AMD Instinct MI250X", "AMD Instinct MI250X / MI250"),
+        MemoryBandwidth(3276.8 / 2, "64 GB HBM2e per GCD (3.2768 TB/s per OAM of 2 GCDs)", _MI250X),
+    ),
+    (("AMD Instinct MI300X", "AMD Instinct MI300X VF"), MemoryBandwidth(5300, "192 GB HBM3", _MI300X)),
+    (("AMD Instinct MI325X", "AMD Instinct MI325X VF"), MemoryBandwidth(6000, "256 GB HBM3E", _MI325X)),
+]
+
+BANDWIDTH: dict[str, MemoryBandwidth] = {name: row for names, row in _BANDWIDTH_ROWS for name in names}
+_BANDWIDTH_INDEX = {normalize_name(name): row for name, row in BANDWIDTH.items()}
+
+
+def lookup_bandwidth(name: str) -> MemoryBandwidth | None:
+    """The datasheet memory bandwidth of an exact driver name (normalized as `lookup`); None if unknown."""
+    return _BANDWIDTH_INDEX.get(normalize_name(name))

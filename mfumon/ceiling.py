@@ -20,7 +20,7 @@ from mfumon.dtypes import normalize_dtype
 from mfumon.errors import ConfigError, check_int
 from mfumon.flops import matmul_flops
 
-__all__ = ["measure_peak_flops"]
+__all__ = ["measure_bandwidth", "measure_peak_flops"]
 
 
 def measure_peak_flops(
@@ -55,6 +55,31 @@ def measure_peak_flops(
             matmul()
         seconds = _timed(matmul, iters, dev)
     return matmul_flops(size, size, size) * iters / seconds
+
+
+def measure_bandwidth(
+    *, device: torch.device | int | str | None = None, size_mb: int | None = None, iters: int | None = None
+) -> float:
+    """Achieved memory bandwidth in bytes/s: back-to-back copies of one `size_mb` MiB buffer into another.
+
+    Each copy reads and writes the buffer: 2 x its bytes. A CUDA device (default: the current one;
+    1024 MiB, 20 timed after 3 untimed) or device="cpu" (256 MiB, 5 after 1), timed as GEMMs are.
+    """
+    cpu = device is not None and not isinstance(device, int) and torch.device(device).type == "cpu"
+    default_mb, default_iters, warmup = (256, 5, 1) if cpu else (1024, 20, 3)
+    size_mb = check_int("size_mb", default_mb if size_mb is None else size_mb, "MiB copied per iteration")
+    iters = check_int("iters", default_iters if iters is None else iters, "timed copies")
+    index = None if cpu else cuda_index(device)
+    if not cpu and (index is None or not torch.cuda.is_available()):
+        gpus = f"this torch sees {torch.cuda.device_count()} GPUs"
+        raise ConfigError(f"measure_bandwidth needs a CUDA (or ROCm) device or device='cpu'; {gpus}")
+    dev = torch.device("cpu") if cpu else torch.device("cuda", index)
+    src = torch.ones(size_mb * 2**20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    for _ in range(warmup):
+        dst.copy_(src)
+    seconds = _timed(lambda: dst.copy_(src), iters, dev)
+    return 2 * src.numel() * iters / seconds  # each copy reads src and writes dst
 
 
 def _timed(matmul: Any, iters: int, dev: torch.device) -> float:

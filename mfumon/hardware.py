@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mfumon._peaks import DevicePeak, lookup
-from mfumon.ceiling import measure_peak_flops
+from mfumon._peaks import DevicePeak, lookup, lookup_bandwidth
+from mfumon.ceiling import measure_bandwidth, measure_peak_flops
 from mfumon.devices import DeviceIdentity, device_name, identify_device
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning, log
@@ -37,7 +37,9 @@ __all__ = [  # device naming and dtypes live in mfumon.devices and mfumon.dtypes
     "TERA",
     "PeakInfo",
     "autocast_peak",
+    "measure_bandwidth",
     "measure_peak_flops",
+    "memory_bandwidth",
     "mixed_peak",
     "peak_flops",
     "peak_override_flops",
@@ -79,6 +81,28 @@ def peak_flops(
         return None
     flops = _table_flops(lookup(ident.name), canonical)
     return None if flops is None else flops * ident.share
+
+
+def memory_bandwidth(
+    device_name: str | None = None, *, device: torch.device | int | str | None = None, nvml: Any = None
+) -> float | None:
+    """Datasheet memory bandwidth of one device in bytes/s; None when unknown, and for a MIG slice or
+    partition (its share of the memory system is not its share of the SMs).
+
+    With no `device_name`, the device behind `device` (default: the current one).
+    """
+    if device_name is not None:
+        if not isinstance(device_name, str):
+            raise ConfigTypeError(
+                f"device_name must be a str such as 'NVIDIA H100 80GB HBM3', got {device_name!r}"
+            )
+        row = lookup_bandwidth(device_name)
+        return None if row is None else row.gbs * 1e9
+    ident = identify_device(device, nvml=nvml)
+    if ident.name is None or (ident.reported is not None and ident.reported != ident.name):
+        return None
+    row = lookup_bandwidth(ident.name)
+    return None if row is None else row.gbs * 1e9
 
 
 @dataclass(frozen=True)

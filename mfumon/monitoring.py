@@ -26,6 +26,7 @@ from mfumon.flop_model import FlopModel
 from mfumon.hardware import autocast_peak, mixed_peak, resolve_peak
 from mfumon.ledger import Ledger, Source
 from mfumon.loggers import Logger, LoggerSet, make_loggers, validate_logger_spec
+from mfumon.profiling import monitor_profiler
 from mfumon.steps import Lengths, StepInput, Tokens, check_tokens
 from mfumon.timing import StepTimer
 from mfumon.windows import Windows
@@ -67,6 +68,7 @@ class Monitor:
         device_stats: sample SM clock, power and energy (NVML) and allocator memory at log time (it
             resets the allocator's peak per window: False keeps your own max_memory_allocated()).
         expert_load: MoE models: count tokens per expert from the routers' own top-k (on the device).
+        profile_every: profile one step in N per component (`mfumon.profile_step`), out of the windows.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Monitor:
         self_check: bool = True,
         device_stats: bool = True,
         expert_load: bool = True,
+        profile_every: int | None = None,
     ) -> None:
         self._log_every = check_int("log_every", log_every, "optimizer steps per log")
         self._warmup = check_int("warmup", warmup, "steps excluded from averages", minimum=0)
@@ -147,6 +150,7 @@ class Monitor:
         if model is not None and peak.pending:  # the autocast dtype, Transformer Engine's FP8
             self._hook = model.register_forward_pre_hook(functools.partial(_detect_autocast, self))
         self._input_hooks = _watch_first_forward(model, self._timer)  # input wait: one mark per step
+        self._profiler = monitor_profiler(profile_every, self)  # None unless profile_every= is given
         self.flops.watch_first_step()  # hooks go on last: nothing after them can fail
 
     seq_len = property(lambda self: self.flops.seq_len, doc="Tokens per sequence (None if not given).")
@@ -198,7 +202,7 @@ class Monitor:
         self._closed = True
         if self._hook is not None:
             self._hook.remove()
-        for hook in self._input_hooks:
+        for hook in (*self._input_hooks, *filter(None, [self._profiler])):
             hook.remove()
         self.flops.close()
         self._windows.finish(self._step, started=self._started, failed=failed)
@@ -249,6 +253,8 @@ class Monitor:
             except Exception as exc:  # a monitor must never stop a training run
                 self._faults.fault("timing", exc)
         self.flops.after_step()
+        if self._profiler is not None and self._started:  # profiling arms or reads here, never raises
+            self._profiler.after_step(self._step, tokens)
         if self._step % self._log_every == 0:
             self._windows.log(self._step)
 

@@ -157,6 +157,11 @@ class StepTimer:
         )
         self._last = self._previous = end
 
+    def untime_last(self) -> None:
+        """Leave the step just marked untimed (out of the windows, as if it ended paused): a profiled step."""
+        if self._pending:
+            self._pending[-1].start = None
+
     def _stage(self, tokens: torch.Tensor) -> Any:
         if tokens.device.type == "cpu":
             return tokens.detach().to(torch.float64, copy=True).reshape(())  # a copy: the caller may reuse it

@@ -126,3 +126,28 @@ def test_measure_on_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run(capsys, "--measure", "--dtype", "bf16", "--size", "4096", "--iters", "5")
     assert code == 0
     assert "measured TFLOP/s" in out and "bf16" in rows(out)
+
+
+def test_bandwidth_of_a_named_device(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "--device-name", "NVIDIA A100-SXM4-80GB")
+    assert code == 0
+    assert "memory bandwidth: 2039 GB/s (80 GB HBM2e; https://" in out  # not the 40 GB part's 1555
+    code, out = run(capsys, "--device-name", "NVIDIA GH200 120GB")
+    assert "memory bandwidth: no datasheet figure for 'NVIDIA GH200 120GB'" in out
+
+
+def test_mig_slice_bandwidth_is_not_guessed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nvml = a100_with_mig(sms=14)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", nvml.migs[0].uuid)
+    code, out = run(capsys, "--device", "0", nvml=nvml)
+    assert code == 0
+    assert "memory bandwidth: not known for a MIG slice" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_measure_prints_copy_bandwidth(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "--measure", "--dtype", "bf16", "--size", "4096", "--iters", "5")
+    assert code == 0
+    assert "copy bandwidth: measured" in out

@@ -14,7 +14,15 @@ from mfumon import hardware
 from mfumon.devices import device_name, identify_device
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, MfumonWarning
-from mfumon.hardware import PeakInfo, measure_peak_flops, peak_flops, peak_override_flops, resolve_peak
+from mfumon.hardware import (
+    PeakInfo,
+    measure_bandwidth,
+    measure_peak_flops,
+    memory_bandwidth,
+    peak_flops,
+    peak_override_flops,
+    resolve_peak,
+)
 from tests.nvml_fake import a100_with_mig, gpus  # the one stand-in: NVML
 
 T = 1e12
@@ -335,3 +343,40 @@ def test_measured_bf16_gemm_is_below_the_datasheet() -> None:
     peak = peak_flops(dtype="bf16")
     if peak is not None:
         assert measured < 1.05 * peak  # a GEMM cannot beat the datasheet (5% for boost clocks)
+
+
+# --------------------------------------------------------------------------------------------
+# memory bandwidth: datasheet per device, and the measured copy
+# --------------------------------------------------------------------------------------------
+
+
+def test_current_device_bandwidth_from_nvml() -> None:
+    assert memory_bandwidth(device=0, nvml=gpus("NVIDIA H100 80GB HBM3")) == pytest.approx(3.35e12)
+    assert memory_bandwidth(device=0, nvml=gpus("NVIDIA A100-SXM4-40GB")) == pytest.approx(1.555e12)
+
+
+def test_mig_slice_has_no_datasheet_bandwidth(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = a100_with_mig(sms=14)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", nvml.migs[0].uuid)
+    assert memory_bandwidth(device=0, nvml=nvml) is None  # its memory share is not its SM share
+
+
+def test_measured_cpu_copy_bandwidth() -> None:
+    # 16 MiB copied 3 times: 2 x 16 MiB moved per copy; a CPU moves between 0.1 and 1000 GB/s
+    measured = measure_bandwidth(device="cpu", size_mb=16, iters=3)
+    assert 1e8 < measured < 1e12
+    with pytest.raises(ConfigError, match="size_mb must be an int >= 1"):
+        measure_bandwidth(device="cpu", size_mb=0)
+
+
+@NO_CUDA
+def test_measure_bandwidth_needs_a_device() -> None:
+    with pytest.raises(ConfigError, match="needs a CUDA"):
+        measure_bandwidth()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_measured_copy_is_below_the_datasheet() -> None:
+    measured = measure_bandwidth(size_mb=512, iters=5)
+    datasheet = memory_bandwidth()
+    assert measured > 0 and (datasheet is None or measured < 1.05 * datasheet)

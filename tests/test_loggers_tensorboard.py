@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +61,30 @@ def test_a_path_that_is_a_file_fails_at_setup(tmp_path: Path) -> None:
     # file loggers are built at start() (a `with` block's entry), on rank 0; the error names log_dir
     with pytest.raises(ConfigError, match=r"'tensorboard' logger cannot write in log_dir=.*File exists"):
         mon.start()
+
+
+def test_step_profile_is_text(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
+    seen: dict[int, Any] = {}
+
+    class Keep(mfumon.Logger):
+        def log_profile(self, profile: Any, step: int) -> None:
+            seen[step] = profile
+
+    with mfumon.monitor(
+        model,
+        seq_len=8,
+        log_every=4,
+        warmup=0,
+        profile_every=4,
+        loggers=("tensorboard", Keep()),
+        peak_tflops=0.25,
+        run_name="tbp",
+        log_dir=tmp_path,
+    ) as mon:
+        for _ in range(8):
+            mon.step(tokens=train_step(model, opt))
+    assert sorted(seen) == [4, 8]
+    text = tb_texts(tmp_path / "tbp")["mfumon/profile"]  # the last one written, step 8's
+    assert text == "```\n" + seen[8].table() + "\n```"
+    assert "component" in text and "lost ms" in text

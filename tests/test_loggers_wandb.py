@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,37 @@ def test_a_failing_wandb_logger_leaves_training_running(tiny, wandb_dir: Path, m
     assert mon.summary()["steps"] == 1 + 5  # warmup=0: every step is timed
     records = mfumon_records(mfumon_log)
     assert len(records) == 1 and "WandbLogger" in records[0].getMessage()
+
+
+def test_step_profile_is_a_table_in_the_offline_run(tiny, wandb_dir: Path) -> None:
+    import json
+
+    from mfumon.loggers.wandb_logger import PROFILE_COLUMNS
+
+    model, opt = tiny
+    seen: dict[int, Any] = {}
+
+    class Keep(mfumon.Logger):
+        def log_profile(self, profile: Any, step: int) -> None:
+            seen[step] = profile
+
+    with mfumon.monitor(
+        model, seq_len=8, log_every=3, warmup=0, profile_every=3, loggers=("wandb", Keep()), peak_tflops=0.5
+    ) as mon:
+        for _ in range(6):
+            mon.step(tokens=train_step(model, opt))
+    run = wandb_run(wandb_dir)
+    refs = [  # the table reference, flattened by the reader: mfumon/profile/<field>
+        (r["mfumon/step"], {k.rpartition("/")[2]: v for k, v in r.items() if k.startswith("mfumon/profile/")})
+        for r in run["history"]
+        if "mfumon/profile/path" in r
+    ]
+    assert [s for s, _ in refs] == sorted(seen) == [3, 6]
+    step, ref = refs[-1]
+    assert ref["_type"] == "table-file" and ref["ncols"] == len(PROFILE_COLUMNS)
+    table = json.loads((run["dir"] / "files" / ref["path"]).read_text())
+    assert table["columns"] == list(PROFILE_COLUMNS)
+    expected = seen[step].sorted_rows()
+    assert [row[0] for row in table["data"]] == [r.name for r in expected]
+    for row, want in zip(table["data"], expected, strict=True):
+        assert row[1] == pytest.approx(want.seconds) and row[2] == pytest.approx(want.flops)

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from mfumon import peak_flops
-from mfumon._peaks import DTYPES, PEAKS, lookup, normalize_name
+from mfumon._peaks import BANDWIDTH, DTYPES, PEAKS, lookup, lookup_bandwidth, normalize_name
+from mfumon.hardware import memory_bandwidth
 
 T = 1e12
 
@@ -238,3 +239,86 @@ def test_rows_are_read_only() -> None:
     assert row is not None
     with pytest.raises(TypeError):
         row.tflops["bf16"] = 1.0  # type: ignore[index]
+
+
+# Memory bandwidth, GB/s, per driver name: the datasheet's figure (TB/s x 1000), per-GPU shares of
+# multi-GPU systems divided out. None: no published figure for that name.
+EXPECTED_BANDWIDTH: dict[str, float | None] = {
+    "Tesla V100-SXM2-16GB": 900,
+    "Tesla V100-SXM2-32GB": 900,
+    "Tesla V100-SXM3-32GB": 900,
+    "Tesla V100-PCIE-16GB": 900,
+    "Tesla V100-PCIE-32GB": 900,
+    "Tesla V100S-PCIE-32GB": 1134,
+    "Tesla T4": 320,
+    "NVIDIA A10": 600,
+    "NVIDIA A10G": 600,
+    "NVIDIA A30": 933,
+    "NVIDIA A40": 696,
+    "NVIDIA A100-SXM4-40GB": 1555,  # the 40 GB parts: 1.555 TB/s
+    "NVIDIA A100-PG509-200": 1555,
+    "A100-SXM4-40GB": 1555,
+    "NVIDIA A100-PCIE-40GB": 1555,
+    "A100-PCIE-40GB": 1555,
+    "NVIDIA A100-SXM4-80GB": 2039,  # 80 GB SXM: 2.039 TB/s, same compute row as the 40 GB
+    "NVIDIA PG509-210": 2039,
+    "A100-SXM-80GB": 2039,
+    "NVIDIA A100 80GB PCIe": 1935,
+    "NVIDIA A100-PCIE-80GB": 1935,
+    "NVIDIA A800-SXM4-40GB": 1555,
+    "NVIDIA A800-SXM4-80GB": 2039,
+    "NVIDIA A800 80GB PCIe": 1935,
+    "NVIDIA A800 80GB PCIe LC": 1935,
+    "NVIDIA RTX A6000": 768,
+    "NVIDIA GeForce RTX 3090": 936,
+    "NVIDIA GeForce RTX 4090": 1008,
+    "NVIDIA RTX 6000 Ada Generation": 960,
+    "NVIDIA L4": 300,
+    "NVIDIA L40": 864,
+    "NVIDIA L40S": 864,
+    "NVIDIA H100 80GB HBM3": 3350,
+    "NVIDIA H100 PCIe": 2000,
+    "NVIDIA H100 NVL": 3900,
+    "NVIDIA H800": 3350,
+    "NVIDIA H800 PCIe": 2000,
+    "NVIDIA H20": 4000,
+    "NVIDIA H200": 4800,
+    "NVIDIA H200 NVL": 4800,
+    "NVIDIA GH200 480GB": 4000,  # 96 GB HBM3
+    "NVIDIA GH200 120GB": None,  # no datasheet names this variant's HBM
+    "NVIDIA GH200 144G HBM3e": 4900,
+    "NVIDIA B200": 64000 / 8,  # HGX B200: 64 TB/s over 8 GPUs
+    "NVIDIA GB200": 576000 / 72,  # GB200 NVL72: 576 TB/s over 72 GPUs
+    "NVIDIA B300 SXM6 AC": 64000 / 8,
+    "NVIDIA B300": 64000 / 8,
+    "NVIDIA GB300": 576000 / 72,
+    "AMD Instinct MI250X": 3276.8 / 2,  # per GCD: half the OAM's 3.2768 TB/s
+    "AMD Instinct MI250X / MI250": 3276.8 / 2,
+    "AMD Instinct MI300X": 5300,
+    "AMD Instinct MI300X VF": 5300,
+    "AMD Instinct MI325X": 6000,
+    "AMD Instinct MI325X VF": 6000,
+}
+
+
+def test_every_table_name_has_an_expected_bandwidth() -> None:
+    assert set(EXPECTED_BANDWIDTH) == set(PEAKS)
+    assert set(BANDWIDTH) <= set(PEAKS)  # no bandwidth for a device without a peak row
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BANDWIDTH))
+def test_bandwidth_of_every_driver_name(name: str) -> None:
+    want = EXPECTED_BANDWIDTH[name]
+    row = lookup_bandwidth(name)
+    assert (row is None) == (want is None)
+    if row is not None:
+        assert row.gbs == pytest.approx(want, rel=1e-12)
+        assert row.source and row.memory
+        assert memory_bandwidth(name) == pytest.approx(want * 1e9, rel=1e-12)
+
+
+def test_bandwidth_lookup_is_exact() -> None:
+    assert lookup_bandwidth(" nvidia  h200 ") is lookup_bandwidth("NVIDIA H200")
+    assert lookup_bandwidth("NVIDIA H20") is not lookup_bandwidth("NVIDIA H200")
+    assert memory_bandwidth("NVIDIA A100-SXM4-40GB MIG 1g.5gb") is None  # a slice is not the GPU
+    assert memory_bandwidth("NVIDIA H100") is None

@@ -1,4 +1,5 @@
-"""`mfumon peak`: the device's dense datasheet peaks per dtype, and with --measure what GEMMs reach."""
+"""`mfumon peak`: the device's dense datasheet peaks per dtype and memory bandwidth, and with --measure
+what GEMMs and a device-to-device copy reach."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import Any
 
 import torch
 
-from mfumon._peaks import DTYPES, PEAKS, DevicePeak, lookup
+from mfumon._peaks import DTYPES, PEAKS, DevicePeak, lookup, lookup_bandwidth
 from mfumon.devices import identify_device
 from mfumon.dtypes import normalize_dtype
 from mfumon.errors import ConfigError
-from mfumon.hardware import ENV_PEAK_TFLOPS, TERA, measure_peak_flops
+from mfumon.hardware import ENV_PEAK_TFLOPS, TERA, measure_bandwidth, measure_peak_flops
 
 __all__ = ["add_parser", "run"]
 
@@ -27,15 +28,18 @@ def add_parser(subparsers: Any) -> None:
     """Register `peak` on an argparse subparsers object (from `parser.add_subparsers()`)."""
     parser = subparsers.add_parser(
         "peak",
-        help="show the device's dense peak TFLOP/s per dtype (and measure it with --measure)",
-        description="Print the dense (no 2:4 sparsity) datasheet peak of a device for each matmul dtype, "
-        "with the datasheet it comes from. The device is the current CUDA device as NVML names it, "
-        "or --device-name.",
+        help="show the device's dense peak TFLOP/s per dtype and its memory bandwidth (--measure: time them)",
+        description="Print the dense (no 2:4 sparsity) datasheet peak of a device for each matmul dtype "
+        "and its datasheet memory bandwidth, with the datasheets they come from. The device is the "
+        "current CUDA device as NVML names it, or --device-name. --measure also times large GEMMs per "
+        "dtype and a device-to-device copy.",
     )
     parser.add_argument("--device-name", help="look up this driver name instead of the current device")
     parser.add_argument("--device", type=int, default=None, help="CUDA device index (default: current)")
     parser.add_argument("--dtype", help=f"only this dtype ({', '.join(DTYPES)}, or a torch name)")
-    parser.add_argument("--measure", action="store_true", help="time large GEMMs per dtype on the device")
+    parser.add_argument(
+        "--measure", action="store_true", help="time large GEMMs per dtype and a 1 GiB copy on the device"
+    )
     parser.add_argument("--size", type=int, default=8192, help="GEMM size n for --measure, n x n @ n x n")
     parser.add_argument("--iters", type=int, default=20, help="timed GEMMs per dtype for --measure")
     parser.add_argument("--list", action="store_true", help="list every device in the table and exit")
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace, *, nvml: Any = None) -> int:
         share = "unknown" if scale is None else f"{scale:.3f}"
         print(f"MIG / partition of {name}: share of the full device {share}")
     peaks = _peaks(row, dtypes, scale)
+    bandwidth = _print_bandwidth(name, reported)
 
     if not args.measure:
         print(f"{'dtype':<6} {'dense peak TFLOP/s':>18}")
@@ -115,7 +120,27 @@ def run(args: argparse.Namespace, *, nvml: Any = None) -> int:
         peak = peaks[dtype]
         ratio = "-" if peak is None else f"{measured / peak:.2f}"
         print(f"{dtype:<6} {_fmt(peak):>18} {measured:>17.1f} {ratio:>6}")
+    try:
+        copied = measure_bandwidth(device=index) / 1e9
+    except Exception as exc:
+        print(f"copy bandwidth: n/a ({type(exc).__name__}: {_first_line(exc)})")
+        return EXIT_OK
+    ratio = "" if bandwidth is None else f", {copied / bandwidth:.2f} of the datasheet's {bandwidth:g}"
+    print(f"copy bandwidth: measured {copied:.0f} GB/s (1 GiB device-to-device copies{ratio})")
     return EXIT_OK
+
+
+def _print_bandwidth(name: str, reported: str) -> float | None:
+    """Print the datasheet memory bandwidth line; its GB/s, or None (unknown, or a MIG slice)."""
+    row = lookup_bandwidth(name)
+    if reported != name:
+        print("memory bandwidth: not known for a MIG slice / partition (its share of memory is not its SMs')")
+        return None
+    if row is None:
+        print(f"memory bandwidth: no datasheet figure for {name!r}")
+        return None
+    print(f"memory bandwidth: {row.gbs:g} GB/s ({row.memory}; {row.source})")
+    return row.gbs
 
 
 def _default_device() -> int:

@@ -25,6 +25,9 @@ class Logger:
         """Structured facts of the window ending at `step` that are no scalar metric (per-layer expert
         loads, throttle reasons, ...); called just before `log` for the same step (default: ignore)."""
 
+    def log_profile(self, profile: Any, step: int) -> None:
+        """Record one step's profile (a `mfumon.profiling.StepProfile`) at step `step` (default: ignore)."""
+
     def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
         """Called instead of `log` for windows made only of warm-up steps (default: ignore them)."""
 

@@ -52,6 +52,11 @@ class JsonlLogger(Logger):
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def log_profile(self, profile: Any, step: int) -> None:
+        """One line: `{"step", "time", "profile": {"seconds", "rows", "peak_tflops", "bandwidth_gbs"}}`."""
+        self._file.write(json.dumps({"step": step, "time": time.time(), "profile": profile.as_dict()}) + "\n")
+        self._file.flush()
+
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         target = self.path.with_suffix(".summary.json")
         target.write_text(json.dumps(dict(summary), indent=2) + "\n", encoding="utf-8")

@@ -129,6 +129,9 @@ class StdoutLogger(Logger):
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self._write(format_line(metrics, step, dtype=self._dtype))
 
+    def log_profile(self, profile: Any, step: int) -> None:
+        self._write(f"[mfumon] step {step} profile (sorted by time lost):\n{profile.table()}")
+
     def log_warmup(self, metrics: Mapping[str, float], step: int, warmup: int) -> None:
         done = min(step - self._initial_step, warmup)  # this run's warm-up steps (a resumed run counts on)
         note = f"warm-up {done}/{warmup}, not in averages"

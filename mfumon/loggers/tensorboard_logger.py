@@ -42,6 +42,11 @@ class TensorBoardLogger(Logger):
     def log_run_info(self, info: Mapping[str, Any]) -> None:
         self._writer.add_text("mfumon/run_info", _table(info), global_step=0)
 
+    def log_profile(self, profile: Any, step: int) -> None:
+        """The profile's table as text, `mfumon/profile`, at its step."""
+        self._writer.add_text("mfumon/profile", "```\n" + profile.table() + "\n```", global_step=step)
+        self._writer.flush()
+
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         self._writer.add_text("mfumon/summary", _table(summary), global_step=int(summary.get("last_step", 0)))
 

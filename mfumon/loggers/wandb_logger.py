@@ -13,9 +13,20 @@ from mfumon.errors import MissingDependencyError
 from mfumon.loggers.base import Logger
 from mfumon.metrics import METRIC_KEYS
 
-__all__ = ["STEP_KEY", "WandbLogger"]
+__all__ = ["PROFILE_COLUMNS", "STEP_KEY", "WandbLogger"]
 
 STEP_KEY = "mfumon/step"  # the x-axis of the mfumon/* charts: optimizer steps
+PROFILE_COLUMNS = (  # the columns of the mfumon/profile table, as `mfumon.profiling.ProfileRow` names them
+    "name",
+    "seconds",
+    "flops",
+    "bytes",
+    "tflops",
+    "intensity",
+    "ceiling_tflops",
+    "fraction",
+    "time_lost",
+)
 _RUN_FACTS = (
     "device",
     "peak_dtype",
@@ -78,6 +89,18 @@ class WandbLogger(Logger):
         data = {**metrics, STEP_KEY: step}
         if self._owned:
             self.run.log(data, step=step, commit=True)
+        else:
+            self.run.log(data, commit=False)
+
+    def log_profile(self, profile: Any, step: int) -> None:
+        """The profile's rows as a wandb.Table, `mfumon/profile`, at its step."""
+        import wandb
+
+        columns = list(PROFILE_COLUMNS)
+        rows = [[getattr(r, c) for c in columns] for r in profile.sorted_rows()]
+        data = {"mfumon/profile": wandb.Table(columns=columns, data=rows), STEP_KEY: step}
+        if self._owned:
+            self.run.log(data, step=step, commit=False)
         else:
             self.run.log(data, commit=False)
 

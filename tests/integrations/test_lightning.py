@@ -403,3 +403,20 @@ def test_a_run_resumed_from_its_checkpoint_continues_at_the_right_step(tmp_path:
     steps = [json.loads(line)["step"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
     assert resumed.monitor.summary()["last_step"] == 20
+
+
+def test_profile_every_reaches_the_users_loggers(tmp_path: Path) -> None:
+    profiles: dict[int, Any] = {}
+
+    class Keep(mfumon.Logger):
+        def log_profile(self, profile: Any, step: int) -> None:
+            profiles[step] = profile
+
+    cb = MFUCallback(peak_tflops=1.0, warmup=0, profile_every=4, loggers=(Keep(),))
+    t = trainer(tmp_path, [cb], max_steps=10)
+    t.fit(TinyModule(), DataLoader(torch.randint(0, 32, (64, 8)), batch_size=BATCH))
+    assert sorted(profiles) == [4, 8]  # through the callback's gate, once per profiled optimizer step
+    profile = profiles[8]
+    assert sum(r.seconds for r in profile.rows) == pytest.approx(profile.seconds)
+    assert profile.row("optimizer") is not None and profile.row("optimizer").seconds > 0
+    assert cb.monitor.summary()["steps"] == 10 - 2  # the profiled steps are out of the windows

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from mfumon import metrics as K
 from mfumon._experts import MoEParts, moe_parts
 from mfumon.errors import FaultLog
 from mfumon.ledger import Field, Source
+
+if TYPE_CHECKING:
+    from mfumon.metrics import Window
 
 __all__ = ["INDEX_ARGS", "SOFTMAX_TOPK_BLOCKS", "TOKENS_DETAIL_MAX", "ExpertLoad", "expert_load_source"]
 
@@ -137,8 +140,7 @@ class ExpertLoad(Source):
         if reader.kind == "argument":
 
             def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                name, pos = reader.arg  # type: ignore[misc]
-                self._count(layer, module, kwargs[name] if name in kwargs else args[pos])
+                self._count(layer, module, (args, kwargs))
 
             return reader.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
@@ -190,6 +192,9 @@ class ExpertLoad(Source):
                     f"the gate of '{reader.path}' returned {_what(got)}, not [tokens, experts] logits"
                 )
             return torch.topk(F.softmax(got, dim=1, dtype=torch.float), k, dim=-1).indices
+        if reader.kind == "argument":  # (args, kwargs) of the experts' forward
+            (args, kwargs), (name, pos) = got, reader.arg
+            got = kwargs[name] if name in kwargs else args[pos] if pos < len(args) else None
         items = got if isinstance(got, (tuple, list)) else (got,)
         found = [t for t in items if _is_index(t, k)]
         if len(found) != 1:
@@ -214,8 +219,8 @@ class ExpertLoad(Source):
         return out
 
     def metrics(
-        self, values: dict[str, list[float]], window: Any, world: int
-    ) -> tuple[dict[str, float], dict]:
+        self, values: dict[str, list[float]], window: Window, world: int
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         """expert_load_max and experts_idle over the layers that routed tokens; per-layer details."""
         counts = values["tokens_per_expert"]
         if not counts or any(math.isnan(v) for v in counts):
@@ -278,28 +283,26 @@ def _what(got: object) -> str:
 
 def expert_load_source(model: nn.Module, faults: FaultLog) -> Source | None:
     """A source counting `model`'s expert load; None for a dense model or routing it cannot read
-    (then said once, naming the layer and why)."""
+    (then said once, naming the layer and why). Never raises: expert load is no reason to stop a run."""
     try:
         parts = moe_parts(model)
+        readers = []
+        for part in parts:
+            plan = _plan(part)
+            if isinstance(plan, str):
+                faults.report(
+                    "expert_load",
+                    "mfumon: expert load left out: the routing of MoE layer '%s' (%s) cannot be read: %s. "
+                    "It is read from an experts forward argument named one of %s, or from a router "
+                    "module that returns its chosen indices",
+                    part.found.path,
+                    type(part.block).__name__,
+                    plan,
+                    "/".join(INDEX_ARGS),
+                )
+                return None
+            readers.append(plan)
+        return ExpertLoad(readers, faults) if readers else None
     except Exception as exc:  # e.g. routed experts without a top_k: count_params says what to pass
         faults.fault("expert_load", exc, "expert load is left out")
         return None
-    if not parts:
-        return None
-    readers = []
-    for part in parts:
-        plan = _plan(part)
-        if isinstance(plan, str):
-            faults.report(
-                "expert_load",
-                "mfumon: expert load left out: the routing of MoE layer '%s' (%s) cannot be read: %s. "
-                "It is read from an experts forward argument named one of %s, or from a router module "
-                "that returns its chosen indices",
-                part.found.path,
-                type(part.block).__name__,
-                plan,
-                "/".join(INDEX_ARGS),
-            )
-            return None
-        readers.append(plan)
-    return ExpertLoad(readers, faults)

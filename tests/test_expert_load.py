@@ -457,3 +457,26 @@ def test_hf_trainer_callback_passes_expert_load_through(tmp_path: Path) -> None:
     assert K.MFU in keys[False] and not {K.EXPERT_LOAD_MAX, K.EXPERTS_IDLE} & keys[False]
     with pytest.raises(ConfigTypeError, match="expert_load must be True or False"):
         MFUCallback(expert_load="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.transformers
+def test_hf_deepseek_v3_counts_follow_the_bias_corrected_choice(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tests.tiny_models import hf_model
+
+    model = hf_model("deepseek_v3")  # 4 routed experts, top-2, first layer dense: 2 MoE layers
+    gates = [m.gate for m in model.modules() if type(m).__name__ == "DeepseekV3MoE"]
+    assert len(gates) == 2
+    for gate in gates:  # the correction bias alone puts expert 3 in every token's choice
+        gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+
+    def chosen(m: nn.Module, a: Any, out: Any) -> torch.Tensor:  # the router's own returned indices
+        (indices,) = [t for t in out if not t.is_floating_point()]  # 5.x (logits, w, idx); 4.57 (idx, w)
+        return indices
+
+    truth = Truth(gates, chosen)
+    records = train_hf(model, tmp_path, "dsv3", truth)
+    check_windows(records, truth, 3)
+    for rec in records:
+        assert all(c[3] == 3 * 32 for c in rec["expert_tokens"])  # every token of 3 steps x 32
+        assert rec[K.EXPERT_LOAD_MAX] == pytest.approx(2.0)  # 96 of 192 choices, mean 48

@@ -65,6 +65,7 @@ class CallbackOptions:
     step_shapes: bool = True  # each batch's own documents or sequence length set its attention FLOPs
     self_check: bool = True  # trace one step on fake tensors at setup, as for mfumon.Monitor
     profile_every: int | None = None  # profile one optimizer step in N per component, as for mfumon.Monitor
+    expert_load: bool = True  # MoE: tokens per expert from the routers' own top-k, as for mfumon.Monitor
 
     def __post_init__(self) -> None:
         for name, what in (
@@ -79,6 +80,8 @@ class CallbackOptions:
         check_int("warmup", self.warmup, "steps excluded from averages", minimum=0)
         if not isinstance(self.step_shapes, bool):
             raise ConfigTypeError(f"step_shapes must be True or False, got {self.step_shapes!r}")
+        if not isinstance(self.expert_load, bool):
+            raise ConfigTypeError(f"expert_load must be True or False, got {self.expert_load!r}")
         if self.tokens_fn is not None and not callable(self.tokens_fn):
             raise ConfigTypeError(
                 f"tokens_fn must be a function batch -> tokens, got {type(self.tokens_fn).__name__}"
@@ -293,6 +296,7 @@ class CallbackCore:
             initial_step=initial_step,
             self_check=opts.self_check,
             profile_every=opts.profile_every,
+            expert_load=opts.expert_load,
         )
 
     # -- per step ------------------------------------------------------------------------------

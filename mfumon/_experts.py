@@ -11,15 +11,32 @@ order. Containers the search would miss are declared with `mfumon.register_moe` 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
-from mfumon._walk import HEADS_ATTRS, QK_DIM_ATTRS, all_params, full_shape, int_attr, module_int, own_params
+from mfumon._walk import (
+    HEADS_ATTRS,
+    QK_DIM_ATTRS,
+    all_params,
+    full_shape,
+    int_attr,
+    module_int,
+    named_modules,
+    own_params,
+)
 from mfumon.errors import ConfigError, ConfigTypeError
 
-__all__ = ["FoundMoE", "Registration", "explicit_registrations", "find_moe", "register"]
+__all__ = [
+    "FoundMoE",
+    "MoEParts",
+    "Registration",
+    "explicit_registrations",
+    "find_moe",
+    "moe_parts",
+    "register",
+]
 
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_top_k", "experts_per_token", "router_top_k")
 NUM_EXPERTS_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")
@@ -86,6 +103,54 @@ def find_moe(
     top_k: int | None,
 ) -> tuple[list[FoundMoE], dict[int, tuple[int, bool]], set[int]]:
     """MoE blocks, routed params (id -> (layer index, is weight matrix)) and router param ids."""
+    layers: list[FoundMoE] = []
+    routed: dict[int, tuple[int, bool]] = {}
+    router_ids: set[int] = set()
+    for found, _, items, _, routers in _blocks(model, named, explicit, top_k):
+        index = len(layers)
+        layers.append(found)
+        for c in items:
+            for p in all_params(c.module):
+                shape = full_shape(p)
+                if c.stacked and (not shape or shape[0] != found.num_experts):
+                    continue  # not per-expert: counts in full like the rest of the block
+                routed[id(p)] = (index, len(shape) >= (3 if c.stacked else 2))
+        router_ids |= {id(p) for p in routers}
+    return layers, routed, router_ids
+
+
+@dataclass(frozen=True, eq=False)
+class MoEParts:
+    """One MoE block's modules, to read its routing: the block, its routed-expert containers and
+    its routers (children whose every parameter leads with num_experts; none when the router is
+    a parameter of the block itself). Shared-expert gates are not routers here."""
+
+    found: FoundMoE
+    block: nn.Module
+    containers: tuple[nn.Module, ...]
+    routers: tuple[nn.Module, ...]
+
+
+def moe_parts(model: nn.Module) -> list[MoEParts]:
+    """The MoE blocks of `model` with their modules, found as `count_params` finds them (with
+    `register_moe` declarations); ConfigError for routed experts without a top_k."""
+    named = named_modules(model)
+    out = []
+    for found, block, items, router_modules, _ in _blocks(model, named, {}, None):
+        routers = tuple(
+            r for r in router_modules if {full_shape(p)[:1] for p in all_params(r)} == {(found.num_experts,)}
+        )
+        out.append(MoEParts(found, block, tuple(c.module for c in items), routers))
+    return out
+
+
+def _blocks(
+    model: nn.Module,
+    named: list[tuple[str, nn.Module]],
+    explicit: dict[object, Registration],
+    top_k: int | None,
+) -> Iterator[tuple[FoundMoE, nn.Module, list[_Container], list[nn.Module], list[nn.Parameter]]]:
+    """Each MoE block: what was found, the block, its expert containers, router modules and params."""
     parents = {
         id(child): (path, m) for path, m in named for child in m._modules.values() if child is not None
     }
@@ -105,9 +170,6 @@ def find_moe(
         by_block.setdefault(id(block), []).append(container)
         blocks[id(block)] = (block_path, block)
 
-    layers: list[FoundMoE] = []
-    routed: dict[int, tuple[int, bool]] = {}
-    router_ids: set[int] = set()
     for block_id, found in by_block.items():
         block_path, block = blocks[block_id]
         num_experts = found[0].num_experts
@@ -130,16 +192,7 @@ def find_moe(
             )
         if k > num_experts:
             raise ConfigError(f"top_k={k} exceeds the {num_experts} experts found in '{path}'")
-        index = len(layers)
-        layers.append(FoundMoE(path, num_experts, k))
-        for c in items:
-            for p in all_params(c.module):
-                shape = full_shape(p)
-                if c.stacked and (not shape or shape[0] != num_experts):
-                    continue  # not per-expert: counts in full like the rest of the block
-                routed[id(p)] = (index, len(shape) >= (3 if c.stacked else 2))
-        router_ids |= {id(p) for p in routers}
-    return layers, routed, router_ids
+        yield FoundMoE(path, num_experts, k), block, items, router_modules, routers
 
 
 def _as_container(m: nn.Module, reg: Registration | None) -> _Container | None:

@@ -99,8 +99,8 @@ class Stragglers:
         if self._windows == STRAGGLER_WINDOWS and report:
             wait = (
                 f", its input wait {view.input_wait_max * 100:.0f}% of its step time"
-                if view.input_wait_max_rank == view.slowest_rank
-                else ""
+                if view.input_wait_max_rank == view.slowest_rank and view.input_wait_max > STRAGGLER_GAP
+                else ""  # its data loading, when that is its own and notable
             )
             self._faults.report(
                 f"straggler/{self._episodes}",

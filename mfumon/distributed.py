@@ -16,6 +16,7 @@ BENCHMARKS.md). `Reducer.pipelined` reads each exchange one log later, so no hos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from datetime import timedelta
@@ -307,7 +308,7 @@ def combine_table(ops: tuple[str, ...], table: torch.Tensor) -> list[float]:
     if table.shape[1] == 0:
         return []
     missing = torch.isnan(table)
-    kind = torch.tensor([OPS.index(op) for op in ops])  # 0 sum, 1 max, 2 min
+    kind = _kinds(ops)
     out = torch.where(
         kind == 0,
         table.masked_fill(missing, 0.0).sum(0),
@@ -318,6 +319,11 @@ def combine_table(ops: tuple[str, ...], table: torch.Tensor) -> list[float]:
         ),
     )
     return out.masked_fill(missing.all(0), math.nan).tolist()
+
+
+@functools.lru_cache(maxsize=8)
+def _kinds(ops: tuple[str, ...]) -> torch.Tensor:
+    return torch.tensor([OPS.index(op) for op in ops])  # 0 sum, 1 max, 2 min: one layout per run
 
 
 def _fields(w: Window) -> list[float]:

@@ -276,3 +276,15 @@ def test_the_slow_rank_is_named_and_said_once(two_ranks: Path) -> None:
     assert said[1].startswith("mfumon: rank 0 has been the slowest rank for 3 windows (+")
     assert "at step 24, its input wait" in said[1]
     assert not [r for r in _rank(two_ranks, 1)["records"] if "the slowest rank" in r]  # rank 0 speaks
+
+
+def test_the_notice_names_a_straggler_s_own_input_wait(caplog: pytest.LogCaptureFixture) -> None:
+    stragglers = Stragglers(FaultLog())
+    slow_loader = RankView(0.2, 0.1, 3, 0.4, 3)  # rank 3: twice the fastest, 40% of it input wait
+    with caplog.at_level(logging.WARNING, logger="mfumon"):
+        for step in (10, 20, 30):
+            stragglers.observe(slow_loader, step)
+    assert [r.getMessage() for r in caplog.records] == [
+        "mfumon: rank 3 has been the slowest rank for 3 windows (+100% step time vs the fastest rank: "
+        "200.0 vs 100.0 ms at step 30, its input wait 40% of its step time); said once until it catches up"
+    ]

@@ -288,3 +288,26 @@ def test_the_notice_names_a_straggler_s_own_input_wait(caplog: pytest.LogCapture
         "mfumon: rank 3 has been the slowest rank for 3 windows (+100% step time vs the fastest rank: "
         "200.0 vs 100.0 ms at step 30, its input wait 40% of its step time); said once until it catches up"
     ]
+
+
+def test_restart_keeps_the_time_before_it_out_of_the_next_step() -> None:
+    from mfumon.timing import StepTimer
+
+    timer = StepTimer(torch.device("cpu"))
+    timer.start()
+    timer.mark_step(1, 8)
+    time.sleep(0.05)  # a log waiting for another rank
+    t0 = time.perf_counter()
+    timer.restart()
+    timer.mark_forward()
+    timer.mark_step(2, 8)
+    t2 = time.perf_counter()
+    step = timer.resolve()[1]
+    # the step runs from the restart (after t0) to its end (before t2); its span still reaches
+    # back to step 1's end, 50 ms or more before the restart; its input wait is measured
+    assert step.seconds is not None and step.seconds <= t2 - t0 < 0.05
+    assert step.span is not None and step.span >= step.seconds + 0.05
+    assert step.input_wait is not None and step.input_wait <= step.seconds
+    timer.pause()
+    timer.restart()  # paused: nothing happens
+    assert timer.paused

@@ -123,6 +123,13 @@ class StepTimer:
         if self._forward is None and self._last is not None and not self._banked:
             self._forward = self._mark()
 
+    def restart(self) -> None:
+        """The step in progress starts now, not at the last step's end: the time in between (the
+        monitor's own log work, its wait for other ranks) belongs to no step; spans keep it (wall
+        time). One mark, once per log; nothing when paused or once the step's forward has begun."""
+        if self._last is not None and self._forward is None and not self._banked:
+            self._last = self._mark()
+
     def pause(self) -> None:
         """Stop timing until `start()`; time in between (e.g. evaluation) belongs to no step.
 

@@ -21,6 +21,7 @@ from mfumon.hardware import PeakInfo, measure_peak_flops
 from mfumon.ledger import Ledger
 from mfumon.loggers import LoggerSet
 from mfumon.metrics import EMPTY_WINDOW, Window, split_windows, window_metrics
+from mfumon.ranks import RankView, Stragglers
 from mfumon.timing import StepTimer
 
 __all__ = ["Windows"]
@@ -54,6 +55,7 @@ class Windows:
         self.warm_total = EMPTY_WINDOW  # warm-up steps of the whole run, all ranks
         self.metrics: dict[str, float] = {}  # the latest window's
         self._run_info_sent = False
+        self.stragglers = Stragglers(faults)  # rank 0 says when one rank stays the slowest
 
     def log(self, step: int, *, final: bool = False, emit: bool = True) -> None:
         """Log the steps finished up to `step`; `final` waits for all (close); never raises."""
@@ -87,12 +89,18 @@ class Windows:
         except Exception as exc:
             self._faults.fault("timing", exc)
         stats = self.ledger.collect()  # never raises: a failing source turns NaN
-        warm, meas, stats = self.reducer.reduce(warm, meas, stats, self.ledger.ops)
+        reduced = self.reducer.reduce(warm, meas, stats, self.ledger.ops, step=step, final=final)
+        if self.reducer.world > 1:  # its wait for the other ranks is no step's time (mfumon.ranks)
+            try:
+                self.timer.restart()
+            except Exception as exc:
+                self._faults.fault("timing", exc)
         self.logged_step = step
-        try:
-            self._emit(warm, meas, stats, step, emit=emit)
-        except Exception as exc:
-            self._faults.fault("metrics", exc)
+        for at, (warm, meas, stats, view), current in reduced:  # pipelined: the previous log's first
+            try:
+                self._emit(warm, meas, stats, at, emit=emit or not current, view=view)
+            except Exception as exc:
+                self._faults.fault("metrics", exc)
 
     def finish(self, step: int, *, started: bool, failed: bool) -> None:
         """At close: log the last partial window (unless the run failed across ranks), then the summary."""
@@ -107,7 +115,16 @@ class Windows:
         self.loggers.call("close")
         self.ledger.close()
 
-    def _emit(self, warm: Window, meas: Window, stats: list[float], step: int, *, emit: bool) -> None:
+    def _emit(
+        self,
+        warm: Window,
+        meas: Window,
+        stats: list[float],
+        step: int,
+        *,
+        emit: bool,
+        view: RankView | None = None,
+    ) -> None:
         self.warm_total += warm
         self.total += meas  # also a window of paused steps only: its wall time is the run's
         if not emit:  # steps carried over to close(): totals only, no second window at this step
@@ -125,6 +142,9 @@ class Windows:
                 out[K.MFU_AVG] = total_mfu
             extra, details = self.ledger.metrics(stats, meas, world)
             out.update(extra)
+            if view is not None:  # 2+ ranks: the per-rank view, and the straggler notice (rank 0)
+                out.update(view.metrics())
+            self.stragglers.observe(view, step, report=self.reducer.rank == 0)
             self.metrics = out
             self._check_possible(out, step)
             if details:

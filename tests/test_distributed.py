@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -167,3 +168,30 @@ def test_monitors_that_differ_across_ranks_are_never_paired(tmp_path: Path) -> N
     summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["world_size"] for s in summaries] == [1, 1]  # each said so and reported its own figures
     assert [s["tokens"] for s in summaries] == [STEPS * TOKENS[0], STEPS * TOKENS[1]]
+
+
+def test_combine_table_gives_combine_stats_figures() -> None:
+    from mfumon.distributed import combine_table
+    from mfumon.ledger import combine_stats
+
+    nan = math.nan
+    ops = ("sum", "max", "min", "sum", "max", "min")
+    rows = [[0.1, 3.0, -2.0, nan, nan, nan], [0.2, nan, 5.0, nan, nan, 4.0]]
+    # by hand: 0.1 + 0.2, max(3), min(-2, 5), none measured (NaN, never 0), none, min(4)
+    expected = [0.1 + 0.2, 3.0, -2.0, nan, nan, 4.0]
+    got = combine_table(ops, torch.tensor(rows, dtype=torch.float64))
+    same = [a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(got, expected, strict=True)]
+    assert all(same) and all(
+        a == b or (math.isnan(a) and math.isnan(b))
+        for a, b in zip(got, combine_stats(ops, rows), strict=True)
+    )  # bit for bit with two ranks
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(7, 60, generator=gen, dtype=torch.float64)
+    table[torch.rand(7, 60, generator=gen) < 0.3] = nan
+    table[:, 0] = nan  # a column no rank measured
+    ops = ("sum", "max", "min") * 20
+    got = combine_table(ops, table)
+    want = combine_stats(ops, table.tolist())
+    assert math.isnan(got[0]) and math.isnan(want[0])
+    assert got[1:] == pytest.approx(want[1:], rel=1e-12, abs=1e-12)  # 7 ranks: torch's sum vs fsum
+    assert combine_table((), torch.empty(2, 0, dtype=torch.float64)) == []

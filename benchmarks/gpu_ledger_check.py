@@ -30,6 +30,14 @@ import mfumon  # noqa: E402
 from mfumon import metrics as K  # noqa: E402
 
 VOCAB, SEQ, BATCH = 256, 256, 8
+DEVICE_KEYS = (
+    K.SM_CLOCK_MHZ,
+    K.POWER_W,
+    K.JOULES_PER_TOKEN,
+    K.MEM_PEAK_GIB,
+    K.MEM_RESERVED_GIB,
+    K.MEM_ALLOC_RETRIES,
+)
 
 
 class Keep(mfumon.Logger):
@@ -87,6 +95,9 @@ def ledger(steps: int, loader_s: float, pause_s: float, every: int = 10) -> dict
                 "input_wait": round(window.get(K.INPUT_WAIT_FRAC, float("nan")), 4),
                 "loader_share_host": round(h["slept"] / (h["wall"] - h["paused"]), 4),
                 "step_ms": round(window[K.STEP_TIME_MS], 3),
+                "mfu": round(window[K.MFU], 5),
+                "mfu_wall": round(window.get(K.MFU_WALL, float("nan")), 5),
+                **{k.removeprefix("mfumon/"): window[k] for k in DEVICE_KEYS if k in window},
             }
         )
     return {

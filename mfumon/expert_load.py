@@ -21,13 +21,15 @@ said once at setup and gets no expert-load keys; nothing is guessed.
 Per forward, in training mode and outside the backward (an activation-checkpointing recompute is
 not counted twice), each block adds its chosen indices into a device buffer with one
 ``index_add_`` (no host sync: ``bincount`` would read the largest index on the host). At each
-log the buffer is read once, summed over ranks by the ledger and zeroed: counts per window.
+log the buffer is copied to the host without a wait, summed over ranks by the ledger and zeroed:
+counts per window (on a GPU, of the steps enqueued before the previous log: `ExpertLoad.collect`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -133,6 +135,7 @@ class ExpertLoad(Source):
         self._buffers: dict[torch.device, torch.Tensor] = {}
         self._ones: dict[torch.device, torch.Tensor] = {}
         self._error: Exception | None = None  # a hook's fault, raised by collect() (reported once there)
+        self._copies: deque[tuple[Any, torch.Tensor]] = deque()  # device counts on their way to the host
         self._paths_sent = False
         self._handles = [self._attach(i, r) for i, r in enumerate(readers)]
 
@@ -205,14 +208,38 @@ class ExpertLoad(Source):
             )
         return found[0]
 
-    def collect(self) -> list[float]:
-        """This rank's tokens per expert since the last log (read once, then zeroed)."""
+    def collect(self, final: bool = False) -> list[float]:
+        """This rank's tokens per expert in the copies the device has finished (NaN: none yet).
+
+        A CPU buffer is read and zeroed at once. A device buffer is copied into pinned host memory
+        asynchronously and zeroed on its stream, with an event after the copy; the copies whose
+        events have completed are read (never waiting, as the step clock reads its events), so on
+        a GPU the counts lag the step windows by about one log. `final` (close) waits for all.
+        """
         if self._error is not None:
             raise self._error
         total = torch.zeros(self._slots, dtype=torch.int64)
+        ready = False
         for buf in self._buffers.values():
-            total += buf.cpu()  # log time: one read per device
-            buf.zero_()
+            if buf.device.type != "cuda":
+                total += buf  # a host buffer: read now
+                buf.zero_()
+                ready = True
+                continue
+            slot = torch.empty(self._slots, dtype=torch.int64, pin_memory=True)
+            slot.copy_(buf, non_blocking=True)
+            buf.zero_()  # after the copy, on the same stream
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(buf.device))
+            self._copies.append((event, slot))
+        while self._copies and (final or self._copies[0][0].query()):
+            event, slot = self._copies.popleft()
+            if final:
+                event.synchronize()  # close: the one wait, as the step clock's
+            total += slot
+            ready = True
+        if not ready:
+            return [math.nan] * self.fields[0].size  # nothing finished yet: not measured, not zero
         out: list[float] = []
         for offset, reader in zip(self._offsets, self.readers, strict=True):
             out.extend(float(v) for v in total[offset : offset + reader.num_experts].tolist())

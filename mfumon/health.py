@@ -111,7 +111,7 @@ class NvmlSource(Source):
         self._readings: deque[Reading] = deque()  # the counters at recent logs, oldest first
         self._closed = False
 
-    def collect(self) -> list[float]:
+    def collect(self, final: bool = False) -> list[float]:
         """This rank's clock and reason bits now; power and capped shares since the newest earlier
         log at least MIN_SPAN_S back (NaN until the counters have that much history)."""
         nvml, handle = self._nvml, self._clock

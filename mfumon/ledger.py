@@ -41,8 +41,11 @@ class Source:
     name = "source"
     fields: tuple[Field, ...] = ()
 
-    def collect(self) -> list[float]:
-        """This rank's values in `fields` order (NaN: not measured); called at every log, every rank."""
+    def collect(self, final: bool = False) -> list[float]:
+        """This rank's values in `fields` order (NaN: not measured); called at every log, every rank.
+
+        `final`: the last log (close): a source may wait for the device then, never before.
+        """
         raise NotImplementedError
 
     def metrics(
@@ -95,7 +98,7 @@ class Ledger:
             f"{s.name}:" + ",".join(f"{f.name}/{f.op}/{f.size}" for f in s.fields) for s in self.sources
         )
 
-    def collect(self) -> list[float]:
+    def collect(self, final: bool = False) -> list[float]:
         """Every source's values for this rank, NaN for a source that is off or fails now."""
         out: list[float] = []
         for i, source in enumerate(self.sources):
@@ -103,7 +106,7 @@ class Ledger:
             values: list[float] = [math.nan] * size
             if i not in self._off:
                 try:
-                    got = [float(v) for v in source.collect()]
+                    got = [float(v) for v in source.collect(final=final)]
                     if len(got) != size:
                         raise ValueError(f"{source.name} gave {len(got)} values, its layout has {size}")
                     values = got

@@ -45,7 +45,7 @@ class MemorySource(Source):
     def _stats(self) -> dict[str, Any]:
         return torch.cuda.memory_stats_as_nested_dict(self.device)  # {} before CUDA is initialized
 
-    def collect(self) -> list[float]:
+    def collect(self, final: bool = False) -> list[float]:
         """This rank's peak allocated GiB since the previous log (then reset), reserved GiB, counts."""
         stats = self._stats()
         if not stats:

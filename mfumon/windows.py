@@ -88,7 +88,7 @@ class Windows:
                 self._faults.fault("timing", ValueError(f"step {index}: {seconds} s, {tokens} tokens"))
         except Exception as exc:
             self._faults.fault("timing", exc)
-        stats = self.ledger.collect()  # never raises: a failing source turns NaN
+        stats = self.ledger.collect(final=final)  # never raises: a failing source turns NaN
         reduced = self.reducer.reduce(warm, meas, stats, self.ledger.ops, step=step, final=final)
         if self.reducer.world > 1:  # its wait for the other ranks is no step's time (mfumon.ranks)
             try:

@@ -480,3 +480,40 @@ def test_hf_deepseek_v3_counts_follow_the_bias_corrected_choice(tmp_path: Path) 
     for rec in records:
         assert all(c[3] == 3 * 32 for c in rec["expert_tokens"])  # every token of 3 steps x 32
         assert rec[K.EXPERT_LOAD_MAX] == pytest.approx(2.0)  # 96 of 192 choices, mean 48
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the copy to the host without a wait")
+def test_on_a_gpu_the_counts_reach_the_host_without_a_sync(tmp_path: Path) -> None:
+    model = routed_lm().cuda()
+    truth = Truth([b.mlp.router for b in model.blocks], lambda m, a, out: out[1].cpu())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    keep: dict[int, dict] = {}
+    counted: list[int] = []
+
+    class Keep(mfumon.Logger):
+        def log(self, metrics, step):  # type: ignore[no-untyped-def]
+            keep[step] = dict(metrics)
+
+        def log_details(self, details, step):  # type: ignore[no-untyped-def]
+            counted.append(sum(sum(layer) for layer in details["expert_tokens"]))
+
+    steps, log_every = 12, 3
+    with mfumon.monitor(
+        model, seq_len=16, log_every=log_every, warmup=0, loggers=(Keep(),), peak_tflops=989.5
+    ) as mon:
+        for step in range(1, steps + 1):
+            idx = token_batch(3, 17, seed=step).cuda()
+            F.cross_entropy(model(idx[:, :-1]).reshape(-1, VOCAB), idx[:, 1:].reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            truth.end_step()
+            torch.cuda.set_sync_debug_mode("error")  # the step's mark and every log: no host sync
+            try:
+                mon.step(tokens=3 * 16)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    assert K.EXPERT_LOAD_MAX in keep[steps]  # the counts reached the host, a log late at most
+    total = sum(sum(sum(layer) for layer in s) for s in truth.steps)
+    assert total == steps * 3 * 16 * TOP_K * len(model.blocks)
+    per_step = total // steps  # each window's counts are whole steps' (the copies lag, never split)
+    assert counted and all(c % per_step == 0 for c in counted) and sum(counted) <= total

@@ -293,7 +293,8 @@ class _Flight(NamedTuple):
     stats: int  # how many ledger values each row carries
 
 
-_WIDTH = len(dataclasses.fields(Window))
+WINDOW_FIELDS = tuple(f.name for f in dataclasses.fields(Window))
+_WIDTH = len(WINDOW_FIELDS)
 
 
 def _empty(stats: int) -> Reduced:
@@ -327,4 +328,4 @@ def _kinds(ops: tuple[str, ...]) -> torch.Tensor:
 
 
 def _fields(w: Window) -> list[float]:
-    return [float(v) for v in dataclasses.astuple(w)]
+    return [float(getattr(w, name)) for name in WINDOW_FIELDS]

@@ -7,7 +7,6 @@ at the boundary to the loggers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -110,8 +109,15 @@ class Window:
     waited: float = 0.0  # step seconds of the steps whose input wait was measured
 
     def __add__(self, other: Window) -> Window:
-        return Window(
-            *(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True))
+        return Window(  # field by field: dataclasses.astuple deep-copies, and this runs at every log
+            self.steps + other.steps,
+            self.tokens + other.tokens,
+            self.model_flops + other.model_flops,
+            self.hardware_flops + other.hardware_flops,
+            self.seconds + other.seconds,
+            self.wall + other.wall,
+            self.input_wait + other.input_wait,
+            self.waited + other.waited,
         )
 
 

@@ -40,7 +40,8 @@ def run(kind: str, steps: int = 100) -> float:
     if kind == "plain":
         mon = None
     else:
-        mon = mfumon.Monitor(model, seq_len=256, loggers=(), log_every=10, warmup=2, device_stats=kind == "stats").start()
+        stats = kind == "stats"
+        mon = mfumon.Monitor(model, seq_len=256, loggers=(), log_every=10, warmup=2, device_stats=stats).start()
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()

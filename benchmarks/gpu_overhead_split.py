@@ -41,7 +41,8 @@ def run(kind: str, steps: int = 100) -> float:
         mon = None
     else:
         stats = kind == "stats"
-        mon = mfumon.Monitor(model, seq_len=256, loggers=(), log_every=10, warmup=2, device_stats=stats).start()
+        mon = mfumon.Monitor(model, seq_len=256, loggers=(), log_every=10, warmup=2, device_stats=stats)
+        mon.start()
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()

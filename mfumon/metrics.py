@@ -82,7 +82,7 @@ METRIC_KEYS: dict[str, str] = {
     SLOWEST_RANK: "the rank with the largest mean step time in the window (2+ ranks)",
     INPUT_WAIT_MAX_FRAC: "the largest input-wait fraction of any rank in the window (2+ ranks)",
     INPUT_WAIT_MAX_RANK: "the rank with that largest input-wait fraction (2+ ranks)",
-    SM_CLOCK_MHZ: "SM clock from NVML at log time, in MHz (lowest over ranks)",
+    SM_CLOCK_MHZ: "SM clock from NVML, newest sample (every 0.5 s, off the training thread), MHz, lowest",
     POWER_W: "mean board power from NVML since the previous log (at least the last second), W per device",
     JOULES_PER_TOKEN: "device energy over the window (NVML energy counter, all ranks) per token",
     MEM_PEAK_GIB: "the allocator's peak allocated memory in the window, GiB, max over ranks",

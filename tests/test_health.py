@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from mfumon.health import NvmlSource, device_sources, nvml_source, reason_names
 from mfumon.ledger import Ledger, combine_stats
 from mfumon.metrics import Window, utilization
 from tests.conftest import mfumon_records, train_step
-from tests.nvml_fake import FakeNVML, a100_with_mig, gpus
+from tests.nvml_fake import FakeNVML, NVMLError, a100_with_mig, gpus
 
 NVML_KEYS = {K.SM_CLOCK_MHZ, K.POWER_W, K.JOULES_PER_TOKEN}
 MEM_KEYS = {K.MEM_PEAK_GIB, K.MEM_RESERVED_GIB, K.MEM_ALLOC_RETRIES, K.MEM_OOMS}
@@ -46,7 +47,9 @@ def h100(**state: object) -> FakeNVML:
 
 def bind(monkeypatch: pytest.MonkeyPatch, nvml: FakeNVML) -> None:
     """The documented way to run the NVML source on the CPU: its seam arguments bound."""
-    monkeypatch.setattr(health, "device_sources", functools.partial(device_sources, nvml=nvml, index=0))
+    monkeypatch.setattr(
+        health, "device_sources", functools.partial(device_sources, nvml=nvml, index=0, period=None)
+    )
 
 
 def train(
@@ -177,7 +180,8 @@ def test_two_ranks_combine_min_clock_mean_power_summed_energy_and_ored_reasons()
     ranks[1].gpus[0].capped_per_read_ns = {0: 2_000_000, 1: 20_000_000}  # 2 ms power, 20 ms thermal
     peak = 989.5e12
     ledgers = [
-        Ledger([nvml_source(0, FaultLog(), nvml=n, peak_flops=lambda: peak)], FaultLog()) for n in ranks
+        Ledger([nvml_source(0, FaultLog(), nvml=n, peak_flops=lambda: peak, period=None)], FaultLog())
+        for n in ranks
     ]
     first = time.perf_counter()
     for ledger in ledgers:
@@ -209,7 +213,7 @@ def test_two_ranks_combine_min_clock_mean_power_summed_energy_and_ored_reasons()
 def test_no_energy_counter_reads_the_power_at_log_time_and_gives_no_energy(mfumon_log) -> None:
     nvml = h100(energy_counter=False, power_mw=612_345)  # a Pascal-era GPU
     faults = FaultLog()
-    ledger = Ledger([nvml_source(0, faults, nvml=nvml)], faults)
+    ledger = Ledger([nvml_source(0, faults, nvml=nvml, period=None)], faults)
     window = Window(steps=4, tokens=128.0, model_flops=1e12, hardware_flops=1e12, seconds=1.0, wall=1.0)
     metrics, details = ledger.metrics(ledger.collect(), window, 1)
     assert metrics[K.POWER_W] == 612.345  # mW -> W, no baseline needed
@@ -221,7 +225,7 @@ def test_no_energy_counter_reads_the_power_at_log_time_and_gives_no_energy(mfumo
 def test_older_binding_reads_throttle_reasons() -> None:
     nvml = h100(reasons=0x1 | 0x8)
     nvml.event_reasons = False  # nvidia-ml-py before 12.535: ...ClocksThrottleReasons only
-    source = nvml_source(0, FaultLog(), nvml=nvml)
+    source = nvml_source(0, FaultLog(), nvml=nvml, period=None)
     assert source is not None
     at = [f.name for f in source.fields].index("reasons")  # the fields before it are 1 value each
     bits = source.collect()[at : at + 16]
@@ -230,7 +234,7 @@ def test_older_binding_reads_throttle_reasons() -> None:
 
 def test_power_waits_for_a_second_of_counter_history_and_no_capped_counters_give_none() -> None:
     nvml = h100(watts=250.0, capped_ns=None)  # a driver without violation counters
-    ledger = Ledger([nvml_source(0, FaultLog(), nvml=nvml)], FaultLog())
+    ledger = Ledger([nvml_source(0, FaultLog(), nvml=nvml, period=None)], FaultLog())
     window = Window(steps=4, tokens=128.0, model_flops=1e12, hardware_flops=1e12, seconds=0.4, wall=0.4)
     seen = []
     for pause in (0.3, 0.3, 0.6, 0.0):  # logs at 0, 0.3, 0.6 and 1.2 s: a second of history at the 4th
@@ -246,7 +250,7 @@ def test_power_waits_for_a_second_of_counter_history_and_no_capped_counters_give
 
 def test_an_idle_clock_gives_no_mfu_at_clock() -> None:
     nvml = h100(sm_clock_mhz=345, reasons=0x1)  # clocks down because the GPU idles at log time
-    ledger = Ledger([nvml_source(0, FaultLog(), nvml=nvml, peak_flops=lambda: 1e15)], FaultLog())
+    ledger = Ledger([nvml_source(0, FaultLog(), nvml=nvml, peak_flops=lambda: 1e15, period=None)], FaultLog())
     window = Window(steps=4, tokens=128.0, model_flops=1e12, hardware_flops=1e12, seconds=1.0, wall=1.0)
     metrics, details = ledger.metrics(ledger.collect(), window, 1)
     assert metrics[K.SM_CLOCK_MHZ] == 345 and details["throttle_reasons"] == ["gpu_idle"]
@@ -266,7 +270,7 @@ def test_mig_slice_reads_its_gpus_clock_and_no_power(monkeypatch: pytest.MonkeyP
     nvml.gpus[0].sm_clock_mhz, nvml.gpus[0].max_sm_clock_mhz = 1275, 1410  # A100's boost clock
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", nvml.migs[0].uuid)
     faults = FaultLog()
-    source = nvml_source(0, faults, nvml=nvml)
+    source = nvml_source(0, faults, nvml=nvml, period=None)
     assert isinstance(source, NvmlSource)
     ledger = Ledger([source], faults)
     ledger.collect()
@@ -323,3 +327,44 @@ def test_memory_and_nvml_keys_on_a_gpu_with_no_host_sync(tmp_path: Path) -> None
     if not torch.version.hip:  # NVML: an NVIDIA GPU
         assert by_step[12][K.SM_CLOCK_MHZ] > 0 and "throttle_reasons" in by_step[12]
         assert by_step[12][K.POWER_W] > 0 and by_step[12][K.JOULES_PER_TOKEN] > 0
+
+
+def test_the_default_samples_on_a_thread_and_a_log_reads_the_newest_sample(
+    tiny, tmp_path: Path, monkeypatch
+) -> None:
+    """Real NVML calls take milliseconds (3.9 ms for the energy counter on an H200): by default a
+    daemon thread samples every SAMPLE_PERIOD_S and a log only reads the newest sample."""
+    nvml = h100(watts=300.0)  # a device drawing 300 W, on the host clock
+    monkeypatch.setattr(
+        health, "device_sources", functools.partial(device_sources, nvml=nvml, index=0, period=0.02)
+    )
+    lines, _, _, _ = train(tiny, tmp_path, steps=12, sleep_s=0.12)  # logs ~0.5 s apart
+    powered = [r for r in lines if K.POWER_W in r]
+    assert powered  # a second of samples by the last log
+    assert all(r[K.POWER_W] == pytest.approx(300.0, rel=0.02) for r in powered)
+    assert all(r[K.SM_CLOCK_MHZ] == 1980 for r in lines)
+    assert not [t for t in threading.enumerate() if t.name == "mfumon-nvml"]  # close() stopped it
+
+
+def test_nvml_lost_on_the_sampling_thread_is_said_once_at_a_log(
+    tiny, tmp_path: Path, monkeypatch, mfumon_log
+):
+    nvml = h100(energy_per_read_mj=1000)
+    monkeypatch.setattr(
+        health, "device_sources", functools.partial(device_sources, nvml=nvml, index=0, period=0.01)
+    )
+    original = nvml.nvmlDeviceGetClockInfo
+    calls = []
+
+    def lost_after_five(handle, kind):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) > 5:
+            raise NVMLError("GPU is lost")
+        return original(handle, kind)
+
+    nvml.nvmlDeviceGetClockInfo = lost_after_five
+    lines, _, _, summary = train(tiny, tmp_path, steps=12, sleep_s=0.03)
+    assert summary["steps"] == 12  # training went on
+    assert K.SM_CLOCK_MHZ not in lines[-1]  # the keys are gone
+    said = [r for r in mfumon_records(mfumon_log) if "nvml" in r.getMessage()]
+    assert len(said) == 1 and "GPU is lost" in said[0].getMessage()

@@ -128,8 +128,6 @@ class Monitor:
         self.log_dir = Path(log_dir)
         self._timer = StepTimer(self.device)
         self._reducer = Reducer(self._faults)
-        peak_now = functools.partial(_peak_now, self)  # the peak at log time (autocast may change it)
-        sources = _sources(model, self.device, device_stats, expert_load, self._faults, peak_now)
         self._windows = Windows(
             timer=self._timer,
             reducer=self._reducer,
@@ -140,18 +138,21 @@ class Monitor:
             device_type=self.device.type,
             faults=self._faults,
             first_step=self._step,
-            ledger=Ledger(sources, self._faults),
         )
         if initialized() or "RANK" in os.environ:
             self._build_loggers()  # the rank is known: file and W&B setup errors surface here
         self._input = StepInput(self.flops)  # tokens and shapes until step() closes the step
         self._started = self._closed = False
+        self._profiler = monitor_profiler(profile_every, self)  # None unless profile_every= is given
+        # Hooks and threads go on last: nothing after them can fail (a failed setup leaves none).
+        peak_now = functools.partial(_peak_now, self)  # the peak at log time (autocast may change it)
+        sources = _sources(model, self.device, device_stats, expert_load, self._faults, peak_now)
+        self._windows.ledger = Ledger(sources, self._faults)
         self._hook: Any = None  # one-shot: the autocast dtype at the first forward
         if model is not None and peak.pending:  # the autocast dtype, Transformer Engine's FP8
             self._hook = model.register_forward_pre_hook(functools.partial(_detect_autocast, self))
         self._input_hooks = _watch_first_forward(model, self._timer)  # input wait: one mark per step
-        self._profiler = monitor_profiler(profile_every, self)  # None unless profile_every= is given
-        self.flops.watch_first_step()  # hooks go on last: nothing after them can fail
+        self.flops.watch_first_step()
 
     seq_len = property(lambda self: self.flops.seq_len, doc="Tokens per sequence (None if not given).")
     breakdown = property(lambda self: self.flops.breakdown, doc="FLOPs per token by component.")

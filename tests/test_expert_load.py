@@ -517,3 +517,11 @@ def test_on_a_gpu_the_counts_reach_the_host_without_a_sync(tmp_path: Path) -> No
     assert total == steps * 3 * 16 * TOP_K * len(model.blocks)
     per_step = total // steps  # each window's counts are whole steps' (the copies lag, never split)
     assert counted and all(c % per_step == 0 for c in counted) and sum(counted) <= total
+
+
+def test_a_setup_that_fails_leaves_no_hook_on_the_model(tmp_path: Path) -> None:
+    model = routed_lm()
+    before = hooks(model)
+    with pytest.raises(mfumon.ConfigError, match="profile_every"):  # fails after the FLOP count
+        mfumon.Monitor(model, loggers=(), flops_per_token=1000, peak_tflops=1.0, profile_every=5)
+    assert hooks(model) == before  # neither the expert-load hooks nor the input-wait marks stayed

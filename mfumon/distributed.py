@@ -10,7 +10,10 @@ all_gather first agrees on the last step every rank's device has finished, so al
 the same steps; CPU clocks have finished every step they marked, so without CUDA there is no such
 round. gloo runs both as rings (W - 1 hops for an all_gather, 2(W - 1) for an all_reduce), so one
 gather of a few dozen values costs about half of a pair of all_reduces (benchmarks/bench_reduce.py,
-BENCHMARKS.md). `Reducer.pipelined` reads each exchange one log later, so no host waits on it.
+BENCHMARKS.md). `Reducer.pipelined` reads each exchange one log later, so no host waits on it:
+on from `PIPELINE_FROM_RANKS` ranks, or as the job's ``MFUMON_EXCHANGE`` says ("sync",
+"pipelined", "auto"); the choice is part of each rank's monitor tag, so ranks that differ in it
+reduce nothing together instead of waiting in mismatched collectives.
 """
 
 from __future__ import annotations
@@ -24,12 +27,22 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mfumon.errors import FaultLog
+from mfumon.errors import ConfigError, FaultLog
 from mfumon.ledger import OPS
 from mfumon.metrics import EMPTY_WINDOW, Window, combine_ranks
 from mfumon.ranks import RankView, rank_view
 
-__all__ = ["Reduced", "Reducer", "all_ranks_agree", "combine_table", "initialized", "rank_world"]
+__all__ = [
+    "EXCHANGE_ENV",
+    "PIPELINE_FROM_RANKS",
+    "Reduced",
+    "Reducer",
+    "all_ranks_agree",
+    "combine_table",
+    "initialized",
+    "pipelined_for",
+    "rank_world",
+]
 
 RANK_WAIT_S = 5.0  # rank 0, at its first log: how long the other ranks' monitors may be late
 VERDICT_WAIT_S = 60.0  # another rank, at its first log: how long rank 0's first log may be late
@@ -71,6 +84,22 @@ class Reduced(NamedTuple):
     meas: Window
     stats: list[float]
     ranks: RankView | None  # None with one rank (or after a fault)
+
+
+EXCHANGE_ENV = "MFUMON_EXCHANGE"  # "sync", "pipelined" or "auto" (the default)
+PIPELINE_FROM_RANKS = 64  # "auto": from here a synchronous exchange holds each host for tens of ms
+
+
+def pipelined_for(world: int) -> bool:
+    """Whether the exchange is pipelined for `world` ranks: ``MFUMON_EXCHANGE``, else from 64 ranks.
+
+    At 32 gloo ranks a synchronous exchange held a host 89 ms per log and a pipelined one 7.6 ms,
+    at the price of each window reaching the loggers one log later (BENCHMARKS.md, bench_reduce.py).
+    """
+    mode = os.environ.get(EXCHANGE_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "sync", "pipelined"):
+        raise ConfigError(f"{EXCHANGE_ENV} must be sync, pipelined or auto, got {mode!r}")
+    return mode == "pipelined" or (mode == "auto" and world >= PIPELINE_FROM_RANKS)
 
 
 class Reducer:
@@ -116,6 +145,8 @@ class Reducer:
         dist = torch.distributed
         self._rank, self.world, self._device = dist.get_rank(), dist.get_world_size(), device
         if self.world > 1:
+            self.pipelined = self.pipelined or pipelined_for(self.world)
+            tag = f"{tag or '-'}/{'pipelined' if self.pipelined else 'sync'}"
             try:
                 store = dist.distributed_c10d._get_default_store()
                 seq = store.add(f"mfumon/monitors/rank{self._rank}", 1)  # this rank's n-th monitor

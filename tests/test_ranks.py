@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 import mfumon
 from mfumon import metrics as K
-from mfumon.errors import FaultLog
+from mfumon.distributed import pipelined_for
+from mfumon.errors import ConfigError, FaultLog
 from mfumon.ledger import combine_stats
 from mfumon.metrics import Window, combine_ranks
 from mfumon.ranks import RankView, Stragglers, rank_view
@@ -177,12 +178,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             opt.zero_grad()
             mon.step(tokens=32)
     said = list(records)  # the notices of run 2
-    # 3. The same monitor with the exchange pipelined (not yet a Monitor option: the lead's call).
+    # 3. The same monitor with the exchange pipelined, as the job's environment asks.
+    os.environ["MFUMON_EXCHANGE"] = "pipelined"
     with mfumon.monitor(
         model, seq_len=8, flops_per_token=FPT, peak_tflops=1.0, log_every=LOG_EVERY, warmup=0,
         loggers=("jsonl",), run_name="piped", log_dir=out_dir,
     ) as piped_mon:  # fmt: skip
-        piped_mon._reducer.pipelined = True
+        del os.environ["MFUMON_EXCHANGE"]
+        assert piped_mon._reducer.pipelined
         for _ in range(PHASE_STEPS):
             idx = torch.randint(0, 32, (4, 9))
             model(idx[:, :-1]).sum().backward()
@@ -311,3 +314,23 @@ def test_restart_keeps_the_time_before_it_out_of_the_next_step() -> None:
     timer.pause()
     timer.restart()  # paused: nothing happens
     assert timer.paused
+
+
+@pytest.mark.parametrize(
+    ("env", "world", "expected"),
+    [(None, 2, False), (None, 63, False), (None, 64, True), ("sync", 1000, False), ("pipelined", 2, True)],
+)
+def test_the_exchange_is_pipelined_from_64_ranks_or_as_the_job_says(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, world: int, expected: bool
+) -> None:
+    if env is None:
+        monkeypatch.delenv("MFUMON_EXCHANGE", raising=False)
+    else:
+        monkeypatch.setenv("MFUMON_EXCHANGE", env)
+    assert pipelined_for(world) is expected
+
+
+def test_a_bad_exchange_setting_fails_at_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MFUMON_EXCHANGE", "async")
+    with pytest.raises(ConfigError, match="MFUMON_EXCHANGE must be sync, pipelined or auto, got 'async'"):
+        pipelined_for(2)

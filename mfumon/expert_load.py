@@ -127,7 +127,10 @@ class ExpertLoad(Source):
 
     def __init__(self, readers: list[_Reader], faults: FaultLog) -> None:
         self.readers = readers
-        self.fields = (Field("tokens_per_expert", "sum", sum(r.num_experts for r in readers)),)
+        self.fields = (
+            Field("tokens_per_expert", "sum", sum(r.num_experts for r in readers)),
+            Field("ranks_read", "sum"),  # ranks whose counts reached the host at this log
+        )
         self._faults = faults
         spans = [r.num_experts + 1 for r in readers]  # + 1: a spare slot for indices out of range
         self._offsets = [sum(spans[:i]) for i in range(len(spans))]
@@ -239,19 +242,19 @@ class ExpertLoad(Source):
             total += slot
             ready = True
         if not ready:
-            return [math.nan] * self.fields[0].size  # nothing finished yet: not measured, not zero
+            return [math.nan] * (self.fields[0].size + 1)  # nothing finished yet: not measured, not zero
         out: list[float] = []
         for offset, reader in zip(self._offsets, self.readers, strict=True):
             out.extend(float(v) for v in total[offset : offset + reader.num_experts].tolist())
-        return out
+        return [*out, 1.0]
 
     def metrics(
         self, values: dict[str, list[float]], window: Window, world: int
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """expert_load_max and experts_idle over the layers that routed tokens; per-layer details."""
         counts = values["tokens_per_expert"]
-        if not counts or any(math.isnan(v) for v in counts):
-            return {}, {}
+        if not counts or any(math.isnan(v) for v in counts) or values["ranks_read"][0] != world:
+            return {}, {}  # a rank's counts still on their way: a part of the ranks is no window's load
         at, layers = 0, []
         for reader in self.readers:
             layers.append([int(v) for v in counts[at : at + reader.num_experts]])

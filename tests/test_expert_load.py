@@ -178,7 +178,9 @@ def test_keys_by_hand_arithmetic(mfumon_log: pytest.LogCaptureFixture) -> None:
     source = expert_load_source(routed_lm(), FaultLog())
     assert source is not None
     # layer 0: 8 tokens, mean 8/4 = 2, busiest 6 -> 3.0, two idle; layer 1: 2,2,2,2 -> 1.0, none idle
-    keys, details = source.metrics({"tokens_per_expert": [6, 2, 0, 0, 2, 2, 2, 2]}, None, 1)  # type: ignore[arg-type]
+    keys, details = source.metrics(
+        {"tokens_per_expert": [6, 2, 0, 0, 2, 2, 2, 2], "ranks_read": [1.0]}, None, 1
+    )  # type: ignore[arg-type]
     assert keys == {K.EXPERT_LOAD_MAX: 3.0, K.EXPERTS_IDLE: 2.0}
     assert details == {
         "expert_load_layers": [3.0, 1.0],
@@ -187,12 +189,17 @@ def test_keys_by_hand_arithmetic(mfumon_log: pytest.LogCaptureFixture) -> None:
         "expert_layers": ["blocks.0.mlp", "blocks.1.mlp"],  # once, on the first window
     }
     # layer 0 routed nothing (not seen): left out of both keys, said once; layer 1: 1,3,0,0 -> 3/1 = 3.0
-    keys, details = source.metrics({"tokens_per_expert": [0, 0, 0, 0, 1, 3, 0, 0]}, None, 1)  # type: ignore[arg-type]
+    keys, details = source.metrics(
+        {"tokens_per_expert": [0, 0, 0, 0, 1, 3, 0, 0], "ranks_read": [1.0]}, None, 1
+    )  # type: ignore[arg-type]
     assert keys == {K.EXPERT_LOAD_MAX: 3.0, K.EXPERTS_IDLE: 2.0}
     assert details["expert_load_layers"] == [None, 3.0] and "expert_layers" not in details
     said = [r.getMessage() for r in mfumon_records(mfumon_log)]
     assert len(said) == 1 and "blocks.0.mlp" in said[0]
-    assert source.metrics({"tokens_per_expert": [math.nan] * 8}, None, 1) == ({}, {})  # type: ignore[arg-type]
+    assert source.metrics({"tokens_per_expert": [math.nan] * 8, "ranks_read": [1.0]}, None, 1) == ({}, {})  # type: ignore[arg-type]
+    # one of two ranks' counts still on the way (a GPU's copy not finished): no window's load
+    half = {"tokens_per_expert": [6, 2, 0, 0, 2, 2, 2, 2], "ranks_read": [1.0]}
+    assert source.metrics(half, None, 2) == ({}, {})  # type: ignore[arg-type]
     source.close()
 
 
@@ -204,7 +211,7 @@ def test_per_expert_counts_leave_jsonl_above_the_detail_limit() -> None:
     assert source is not None
     counts = [0.0] * (2 * experts)
     counts[0], counts[experts + 1] = 4.0, 2.0
-    keys, details = source.metrics({"tokens_per_expert": counts}, None, 1)  # type: ignore[arg-type]
+    keys, details = source.metrics({"tokens_per_expert": counts, "ranks_read": [1.0]}, None, 1)  # type: ignore[arg-type]
     assert "expert_tokens" not in details
     assert keys[K.EXPERT_LOAD_MAX] == 4.0 * experts / 4.0  # one expert took all 4: E times the mean
     assert keys[K.EXPERTS_IDLE] == 2 * (experts - 1)

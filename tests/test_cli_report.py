@@ -302,3 +302,33 @@ def test_an_unwritable_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["report", str(path), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mfumon: error: {out}: cannot be written") and err.count("\n") == 1
+
+
+def test_a_real_profiled_run_shows_its_latest_profile_and_roofline(tmp_path: Path) -> None:
+    """A real monitor with profile_every: the page's profile is the file's latest profile record."""
+    torch.manual_seed(0)
+    model = HandLM([nn.Sequential(nn.Linear(HIDDEN, 4 * HIDDEN), nn.GELU(), nn.Linear(4 * HIDDEN, HIDDEN))])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    batch = token_batch(2, SEQ)
+    with mfumon.monitor(
+        model, seq_len=SEQ, loggers=("jsonl",), log_dir=tmp_path, run_name="prof", log_every=4, warmup=2,
+        peak_tflops=989.5, profile_every=5,
+    ) as mon:  # fmt: skip
+        for _ in range(12):
+            model(batch).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=batch.numel())
+    records = lines(tmp_path / "prof.jsonl")
+    profiled = [r for r in records if "profile" in r]
+    assert [r["step"] for r in profiled] == [5, 10]
+    page = Page(mfumon.report(tmp_path / "prof.jsonl", tmp_path / "p.html").read_text())
+    latest = profiled[-1]["profile"]
+    assert page.data["profile"] == latest and page.data["profile_step"] == 10
+    table = rows(page, "profile-table")
+    assert set(table) == {r["name"] for r in latest["rows"]}
+    drawn = [r for r in latest["rows"] if r.get("flops") and r.get("bytes") and r.get("seconds")]
+    assert drawn and page.circles == len(drawn)  # one roofline point per row with FLOPs and bytes
+    assert sum(r["flops"] for r in latest["rows"]) == pytest.approx(
+        mon.flops_per_token * batch.numel(), rel=1e-9
+    )  # the rows add up to the step's model FLOPs

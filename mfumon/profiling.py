@@ -31,7 +31,16 @@ from torch import nn
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, check_int
 from mfumon.flops import FlopBreakdown, flop_breakdown
-from mfumon.roofline import COMPONENTS, OPTIMIZER, OTHER, component_costs, optimizer_bytes, roofline
+from mfumon.roofline import (
+    COMPONENTS,
+    EXPERTS,
+    OPTIMIZER,
+    OTHER,
+    ROUTER,
+    component_costs,
+    optimizer_bytes,
+    roofline,
+)
 from mfumon.step_timer import StepRecorder
 
 __all__ = ["ProfileRow", "StepProfile", "build_profile", "ceilings", "profile_step"]
@@ -75,13 +84,18 @@ class StepProfile:
         """Rows by time lost, largest first (rows with no time lost after, by seconds)."""
         return sorted(self.rows, key=lambda r: (r.time_lost is None, -(r.time_lost or r.seconds), -r.seconds))
 
-    def table(self) -> str:
-        """The rows as a printable table, sorted by time lost: the first row is where to work."""
+    def table(self, limit: int = 24) -> str:
+        """The rows as a printable table, sorted by time lost: the first row is where to work.
+
+        At most `limit` rows (a model with many MoE layers has two rows per layer); the rest are
+        counted in one line, and are all in `.rows` and the JSONL record.
+        """
         width = max(len("component"), *(len(r.name) for r in self.rows)) + 2
         head = f"{'component':<{width}}{'ms':>9}{'% step':>8}{'GFLOP':>10}{'TFLOP/s':>9}{'FLOP/B':>8}"
         head += f"{'ceiling':>9}{'% ceil':>8}{'lost ms':>9}"
         lines = [head]
-        for r in self.sorted_rows():
+        ranked = self.sorted_rows()
+        for r in ranked[:limit]:
             share = 100 * r.seconds / self.seconds if self.seconds > 0 else 0.0
             cells = [
                 f"{r.name:<{width}}{r.seconds * 1e3:>9.3f}{share:>8.1f}{r.flops / 1e9:>10.4g}",
@@ -92,6 +106,9 @@ class StepProfile:
                 _cell(None if r.time_lost is None else r.time_lost * 1e3, 9, ".3f"),
             ]
             lines.append("".join(cells))
+        if len(ranked) > limit:
+            rest = ranked[limit:]
+            lines.append(f"... {len(rest)} more rows, {sum(r.seconds for r in rest) * 1e3:.3f} ms together")
         peak = "unknown" if self.peak_flops is None else f"{self.peak_flops / 1e12:.4g} TFLOP/s"
         bw = "unknown" if self.bandwidth is None else f"{self.bandwidth / 1e9:.4g} GB/s"
         lines.append(
@@ -157,13 +174,44 @@ def build_profile(
             nbytes = sum(costs.bytes[c] for c in parts)
             note = f"{why}: not separable"
             rows.append(_row(" + ".join(parts), flops, nbytes, secs, peak_flops, bandwidth, note))
+    layers = moe_layer_seconds(recorder)
     for name in COMPONENTS:
         if name not in seconds_by:
             continue
         secs, flops, nbytes = seconds_by[name], costs.flops[name], costs.bytes[name]
+        if name in layers:  # routed experts and router: a row per MoE layer, each an equal share of the work
+            by_layer = layers[name]
+            for path, layer_secs in by_layer.items():
+                share = 1 / len(by_layer)
+                row_name = f"{name} {path}"
+                rows.append(
+                    _row(row_name, flops * share, nbytes * share, layer_secs, peak_flops, bandwidth, "")
+                )
+            continue
         if secs > 0 or flops > 0 or name in (OPTIMIZER, OTHER):
             rows.append(_row(name, flops, nbytes, secs, peak_flops, bandwidth, ""))
     return StepProfile(tuple(rows), step_seconds, tokens, peak_flops, bandwidth, device, tuple(notes))
+
+
+def moe_layer_seconds(recorder: StepRecorder) -> dict[str, dict[str, float]]:
+    """Routed experts' and routers' seconds per MoE layer (by block path), for models with 2+ MoE layers.
+
+    A unit's own time goes to the MoE block whose path holds it. Every MoE layer of a model has the
+    same shapes, so each layer's row gets an equal share of the component's FLOPs and bytes.
+    """
+    blocks = [m.path for m in recorder.map.structure.moe] if recorder.map.structure is not None else []
+    if len(blocks) < 2 or recorder.map.merged:
+        return {}
+    out: dict[str, dict[str, float]] = {
+        EXPERTS: dict.fromkeys(blocks, 0.0),
+        ROUTER: dict.fromkeys(blocks, 0.0),
+    }
+    for unit, secs in recorder.unit_seconds.items():
+        path, _, label = recorder.units[unit]
+        block = max((b for b in blocks if path == b or path.startswith(b + ".")), key=len, default=None)
+        if label in out and block is not None:
+            out[label][block] += secs
+    return out
 
 
 def _row(

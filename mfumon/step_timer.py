@@ -43,6 +43,7 @@ class StepRecorder:
         self._waiting: dict[int, set[int]] = {}  # unit -> parameter ids whose gradient ends its backward
         self.failed: BaseException | None = None
         self.armed = False
+        self.unit_seconds: dict[int, float] = {}  # seconds of each unit's own time (finish() fills it)
 
     # -- marks ---------------------------------------------------------------------------------
     def _mark(self, kind: int, unit: int) -> None:
@@ -171,17 +172,20 @@ class StepRecorder:
                 for u in from_backward:
                     open_at.pop(u, None)
                 from_backward.clear()
-            seconds[self._owner(open_at)] += times[i + 1] - times[i]
+            unit, dt = self._owner(open_at), times[i + 1] - times[i]
+            seconds[OTHER if unit is None else OPTIMIZER if unit == _OPT else self.units[unit][2]] += dt
+            if unit is not None and unit >= 0:  # per unit too: MoE layers get a row each
+                self.unit_seconds[unit] = self.unit_seconds.get(unit, 0.0) + dt
         return seconds
 
-    def _owner(self, open_at: Mapping[int, list[int]]) -> str:
+    def _owner(self, open_at: Mapping[int, list[int]]) -> int | None:
+        """The unit whose own time this slice is (the optimizer: -1; None: no module open, other)."""
         if not open_at:
-            return OTHER
+            return None
         inner = [
             u for u in open_at if u == _OPT or not any(u in self._ancestors[v] for v in open_at if v >= 0)
         ]
-        unit = max(inner, key=lambda u: open_at[u][-1])
-        return OPTIMIZER if unit == _OPT else self.units[unit][2]
+        return max(inner, key=lambda u: open_at[u][-1])
 
 
 def _grad_tensors(value: Any) -> list[torch.Tensor]:

@@ -48,7 +48,9 @@ def test_rows_add_up_to_the_flop_model_and_the_step(kind: str) -> None:
     assert profile.seconds == pytest.approx(clock["seconds"], rel=0.05)
     names = {r.name for r in profile.rows}
     assert {"attention projections", "attention core", "lm_head + loss", "optimizer", "other"} <= names
-    assert ("routed experts" in names and "router" in names) == (kind == "mixtral")
+    layers = ("model.layers.0.mlp", "model.layers.1.mlp")  # the two MoE blocks: a row each
+    moe_rows = {f"{c} {p}" for c in ("routed experts", "router") for p in layers}
+    assert (moe_rows <= names) == (kind == "mixtral")
     assert all(r.seconds >= 0 and r.bytes >= 0 for r in profile.rows)
     assert profile.row("optimizer").bytes > 0  # AdamW: params, grads, two moments
 
@@ -58,18 +60,22 @@ def test_components_split_like_the_breakdown() -> None:
     profile = mfumon.profile_step(model, step, seq_len=S, tokens=B * S)
     b, tokens = mfumon.flop_breakdown(model, S), B * S
     assert profile.row("attention core").flops == b.attn_scores * tokens
-    assert profile.row("router").flops == b.router * tokens
+    layers = ("model.layers.0.mlp", "model.layers.1.mlp")
+    routers = [profile.row(f"router {p}") for p in layers]
+    experts = [profile.row(f"routed experts {p}") for p in layers]
+    assert sum(r.flops for r in routers) == b.router * tokens  # each layer an equal share
     # 2 layers x 4 experts x 3 matrices of 64 x 96, each token in 2 of 4 experts: 6 x weights x 2/4
     routed = 2 * 4 * 3 * 64 * 96
-    assert profile.row("routed experts").flops == 6 * routed * 2 // 4 * tokens
+    assert [r.flops for r in experts] == [6 * routed * 2 // 4 * tokens / 2] * 2
     # with 256 token-slots over 4 experts, every expert's weights are read (3 x fp32 bytes each)
-    assert profile.row("routed experts").bytes > 3 * routed * 4
+    assert sum(r.bytes for r in experts) > 3 * routed * 4
+    assert all(r.seconds > 0 for r in (*routers, *experts))  # each layer's own time, measured
 
 
 SLOWED = {  # family -> (module class name whose forward the test slows, the row it must top)
     "llama": ("LlamaMLP", "mlp"),
     "gpt2": ("GPT2Attention", "attention core"),
-    "mixtral": ("MixtralExperts", "routed experts"),
+    "mixtral": ("MixtralExperts", "routed experts model.layers.1.mlp"),  # the test slows layer 1 only
 }
 
 
@@ -78,6 +84,8 @@ def test_a_slowed_component_tops_the_table(kind: str) -> None:
     model, step, _ = trainer(kind)
     cls, row = SLOWED[kind]
     slowed = [m for m in model.modules() if type(m).__name__ == cls]
+    if kind == "mixtral":  # one MoE layer slowed: its own row tops the table, not the other layer's
+        slowed = slowed[1:]
     assert slowed
     handles = [m.register_forward_hook(lambda *_: time.sleep(0.25)) for m in slowed]  # inside its forward
     try:
@@ -326,3 +334,14 @@ def test_profile_every_needs_a_model_and_a_positive_n() -> None:
         )
     with pytest.raises(mfumon.ConfigError, match="profile_every needs the model"):
         mfumon.Monitor(flops_per_token=6, profile_every=3, loggers=(), peak_tflops=1.0)
+
+
+def test_the_table_shows_the_rows_that_lose_most_and_counts_the_rest() -> None:
+    model, step, _ = trainer("mixtral")
+    profile = mfumon.profile_step(model, step, seq_len=S, tokens=B * S)
+    ranked = profile.sorted_rows()
+    lines = profile.table(limit=3).splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == [r.name.split()[0] for r in ranked[:3]]
+    rest_ms = sum(r.seconds for r in ranked[3:]) * 1e3
+    assert lines[4] == f"... {len(ranked) - 3} more rows, {rest_ms:.3f} ms together"
+    assert len(profile.table().splitlines()) > len(lines)  # the default shows every row of this model

@@ -235,7 +235,8 @@ class ExpertLoad(Source):
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(buf.device))
             self._copies.append((event, slot))
-        while self._copies and (final or self._copies[0][0].query()):
+        # One copy per log (all at close): two finished copies are two windows, never summed as one.
+        while self._copies and (final or (not ready and self._copies[0][0].query())):
             event, slot = self._copies.popleft()
             if final:
                 event.synchronize()  # close: the one wait, as the step clock's

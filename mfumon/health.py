@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -125,8 +126,15 @@ class NvmlSource(Source):
         self._error: Exception | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if period is not None:
-            self._thread = threading.Thread(target=self._run, name="mfumon-nvml", daemon=True)
+
+    def start(self) -> None:
+        """Start the sampling thread (the monitor's start(); none when sampling at each log).
+
+        The thread holds the source only weakly: a monitor dropped without close() ends it too.
+        """
+        if self._period is not None and self._thread is None and not self._closed:
+            args = (weakref.ref(self), self._stop, self._period)
+            self._thread = threading.Thread(target=_sample_loop, args=args, name="mfumon-nvml", daemon=True)
             self._thread.start()
 
     def _sample(self) -> Sample:
@@ -141,16 +149,6 @@ class NvmlSource(Source):
         elif self._board is not None:  # no energy counter: the power now
             watts = nvml_int(nvml.nvmlDeviceGetPowerUsage(self._board)) / 1e3  # mW -> W
         return time.perf_counter(), clock, mask, capped, mj, watts
-
-    def _run(self) -> None:
-        """The sampling thread: a sample now, then one every period, until close() or a fault."""
-        try:
-            while True:
-                self._latest = self._sample()  # one reference swap: the log thread reads it whole
-                if self._stop.wait(self._period):
-                    return
-        except Exception as exc:  # NVML failing mid-run: collect() raises it once, the keys go
-            self._error = exc
 
     def collect(self, final: bool = False) -> list[float]:
         """This rank's clock and reason bits at the newest sample; power and capped shares since the
@@ -225,7 +223,26 @@ class NvmlSource(Source):
             self._stop.set()
             if self._thread is not None:
                 self._thread.join(timeout=5.0)  # a driver call in flight finishes first
+                if self._thread.is_alive():  # a driver call hung: shutting NVML down under it is worse
+                    return
             self._nvml.nvmlShutdown()
+
+
+def _sample_loop(ref: weakref.ref[NvmlSource], stop: threading.Event, period: float) -> None:
+    """The sampling thread: a sample now, then one every period, until close(), a fault, or the
+    source is gone (its monitor dropped without close())."""
+    while True:
+        source = ref()
+        if source is None:
+            return
+        try:
+            source._latest = source._sample()  # one reference swap: the log thread reads it whole
+        except Exception as exc:  # NVML failing mid-run: collect() raises it once, the keys go
+            source._error = exc
+            return
+        del source  # no strong reference while waiting
+        if stop.wait(period):
+            return
 
 
 def _capped_ns(nvml: Any, handle: Any, policy: int) -> int:

@@ -58,6 +58,9 @@ class Source:
         """
         return {}, {}
 
+    def start(self) -> None:
+        """Start sampling (the monitor's start()); most sources need nothing."""
+
     def close(self) -> None:
         """Remove hooks, stop threads (idempotent)."""
 
@@ -139,6 +142,15 @@ class Ledger:
             metrics.update({k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)})
             details.update(d)
         return metrics, details
+
+    def start(self) -> None:
+        """Start every source; a failure is reported once and that source turns NaN."""
+        for i, source in enumerate(self.sources):
+            try:
+                source.start()
+            except Exception as exc:
+                self._off.add(i)
+                self._faults.fault(source.name, exc, "its keys are left out from here on")
 
     def close(self) -> None:
         """Close every source; a failure is reported, never raised."""

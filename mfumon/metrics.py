@@ -173,8 +173,9 @@ def combine_ranks(windows: list[Window], world_size: int) -> Window:
     the mean of the others).
     """
     present = [w for w in windows if w.steps > 0]
-    if not present:
-        return EMPTY_WINDOW
+    if not present:  # every rank paused through the window: its wall time still is the run's
+        wall = max((w.wall for w in windows), default=0.0)
+        return EMPTY_WINDOW if wall <= 0.0 else Window(0, 0.0, 0.0, 0.0, 0.0, wall=wall)
     steps = max(w.steps for w in present)
     scale = world_size / len(present)
 
@@ -205,8 +206,8 @@ def split_windows(
 
     A step's model FLOPs are tokens x flops_per_token plus its `extra_flops` (its own shapes); its
     hardware FLOPs scale with them: tokens x hw_flops_per_token plus extra x hw / model per token
-    (the setup's recompute share). Steps that started while paused (no time) belong to neither,
-    except for their span: every step's span counts in its window's wall time.
+    (the setup's recompute share). Steps that ended while paused (no time) belong to neither, but
+    their span counts in the window's wall time; profiled steps have neither time nor span.
     Left out and returned: steps whose token count is not a whole number >= 0 (NaN, negative,
     fractional: a tensor count is only checked here), then steps with a non-positive or non-finite
     time.
@@ -221,7 +222,7 @@ def split_windows(
         if span is not None and span > 0.0 and math.isfinite(span):
             acc[4] += span
         if seconds is None:
-            continue  # started while paused: not timed
+            continue  # ended while paused, or profiled: not timed
         if not (tokens >= 0 and tokens.is_integer()):  # NaN and infinities are no integers
             bad_tokens.append(record)
             continue

@@ -181,6 +181,7 @@ class Monitor:
         self._build_loggers()  # here when the rank was not known at construction
         if self._measure_ceiling and not self.peak.pending:  # pending: dtype known at the first forward
             self._windows.measure_ceiling(self.device)
+        self._windows.ledger.start()
         self._timer.start()
         return self
 

@@ -90,17 +90,17 @@ class Windows:
             self._faults.fault("timing", exc)
         stats = self.ledger.collect(final=final)  # never raises: a failing source turns NaN
         reduced = self.reducer.reduce(warm, meas, stats, self.ledger.ops, step=step, final=final)
-        if self.reducer.world > 1:  # its wait for the other ranks is no step's time (mfumon.ranks)
-            try:
-                self.timer.restart()
-            except Exception as exc:
-                self._faults.fault("timing", exc)
         self.logged_step = step
         for at, (warm, meas, stats, view), current in reduced:  # pipelined: the previous log's first
             try:
                 self._emit(warm, meas, stats, at, emit=emit or not current, view=view)
             except Exception as exc:
                 self._faults.fault("metrics", exc)
+        if not final:  # the log's own work (loggers included) and its wait for other ranks: a gap
+            try:
+                self.timer.restart()
+            except Exception as exc:
+                self._faults.fault("timing", exc)
 
     def finish(self, step: int, *, started: bool, failed: bool) -> None:
         """At close: log the last partial window (unless the run failed across ranks), then the summary."""
@@ -185,8 +185,9 @@ class Windows:
 
     @property
     def signature(self) -> str:
-        """What tells this monitor from another on the same rank: its cadence and FLOPs per token."""
-        return f"{self.log_every}/{self.warmup}/{self.flops.flops_per_token}"
+        """What tells this monitor from another: its cadence, FLOPs per token and ledger layout (ranks
+        whose rows differ in length must not exchange them: gloo aborts the process on that)."""
+        return f"{self.log_every}/{self.warmup}/{self.flops.flops_per_token}/{self.ledger.layout}"
 
     @property
     def device_name(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from mfumon.ledger import Ledger, combine_stats
 from mfumon.metrics import Window, utilization
 from tests.conftest import mfumon_records, train_step
 from tests.nvml_fake import FakeNVML, NVMLError, a100_with_mig, gpus
+from tests.procs import exit_now, spawn
 
 NVML_KEYS = {K.SM_CLOCK_MHZ, K.POWER_W, K.JOULES_PER_TOKEN}
 MEM_KEYS = {K.MEM_PEAK_GIB, K.MEM_RESERVED_GIB, K.MEM_ALLOC_RETRIES, K.MEM_OOMS}
@@ -368,3 +370,61 @@ def test_nvml_lost_on_the_sampling_thread_is_said_once_at_a_log(
     assert K.SM_CLOCK_MHZ not in lines[-1]  # the keys are gone
     said = [r for r in mfumon_records(mfumon_log) if "nvml" in r.getMessage()]
     assert len(said) == 1 and "GPU is lost" in said[0].getMessage()
+
+
+def test_the_sampling_thread_starts_with_the_monitor_and_ends_with_it_even_unclosed(
+    tiny, monkeypatch
+) -> None:
+    import gc
+
+    nvml = h100(watts=300.0)
+    monkeypatch.setattr(
+        health, "device_sources", functools.partial(device_sources, nvml=nvml, index=0, period=0.01)
+    )
+    model, opt = tiny
+
+    def sampling() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "mfumon-nvml" and t.is_alive()]
+
+    mon = mfumon.Monitor(model, seq_len=8, loggers=(), peak_tflops=0.5, log_every=2)
+    assert not sampling()  # built, not started: no thread yet
+    mon.start()
+    assert len(sampling()) == 1
+    mon.step(tokens=train_step(model, opt))
+    del mon  # dropped without close(): the thread holds its source only weakly
+    gc.collect()
+    deadline = time.perf_counter() + 2.0
+    while sampling() and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    assert not sampling()
+
+
+def _mismatch_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from tests.conftest import TinyLM
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if rank == 0:  # NVML answers on rank 0 only: its rows are longer than rank 1's
+        health.device_sources = functools.partial(device_sources, nvml=h100(), index=0, period=None)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with mfumon.monitor(
+        model, seq_len=8, log_every=4, warmup=0, peak_tflops=0.5, loggers=("jsonl",), run_name="mix",
+        log_dir=out_dir,
+    ) as mon:  # fmt: skip
+        for _ in range(8):
+            mon.step(tokens=train_step(model, opt))
+    Path(out_dir, f"done{rank}").write_text(json.dumps(mon.summary()["world_size"]))
+    dist.destroy_process_group()
+    exit_now()
+
+
+def test_ranks_whose_ledgers_differ_reduce_nothing_together_instead_of_aborting(tmp_path: Path) -> None:
+    """gloo aborts the process when gathered rows differ in length: the layout is in the monitor's tag."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    spawn(_mismatch_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"done{r}").read_text()) for r in (0, 1)] == [1, 1]  # each its own
+    lines = read_jsonl(tmp_path / "mix.jsonl")
+    assert [r["step"] for r in lines] == [4, 8] and all(K.SM_CLOCK_MHZ in r for r in lines)

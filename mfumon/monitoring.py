@@ -65,8 +65,7 @@ class Monitor:
         measure_ceiling: also time a large GEMM at start and log `mfumon/mfu_measured` against it.
         initial_step: optimizer steps done before (a resumed run): its steps count on from there.
         self_check: trace one step on fake tensors at setup; warn if the count misses a part.
-        device_stats: sample SM clock, power and energy (NVML) and allocator memory at log time (it
-            resets the allocator's peak per window: False keeps your own max_memory_allocated()).
+        device_stats: NVML clock, power and energy; allocator memory (its peak reset per window).
         expert_load: MoE models: count tokens per expert from the routers' own top-k (on the device).
         profile_every: profile one step in N per component (`mfumon.profile_step`), out of the windows.
     """

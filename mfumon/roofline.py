@@ -139,6 +139,11 @@ def component_map(model: nn.Module) -> ComponentMap:
         params = all_params(m)
         if not params:
             return  # no parameters (rotary tables, activations, dropout): its time is its parent's
+        if type(m).forward is nn.Module.forward:  # a container (ModuleList, ModuleDict) is never
+            for name, child in m._modules.items():  # called, so hooks on it never fire: its children
+                if child is not None:  # are timed instead (e.g. experts kept in an nn.ModuleList)
+                    visit(f"{path}.{name}" if path else name, child, parent_label)
+            return
         every = {category.get(id(p), "vector") for p in params}
         cats = every - {"vector"} if len(every) > 1 else set(every)  # biases go with their weight's module
         if _is_compiled(m):  # what runs inside is one piece of compiled code

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import mfumon
 from mfumon.roofline import roofline
 from tests.test_recompute import enable_hf
-from tests.tiny_models import hf_model, token_batch
+from tests.tiny_models import HIDDEN, HandLM, ListMoE, hf_model, token_batch
 
 S, B = 32, 4  # tokens per sequence, sequences per step
 FAMILIES = ("gpt2", "llama", "mixtral")
@@ -345,3 +346,32 @@ def test_the_table_shows_the_rows_that_lose_most_and_counts_the_rest() -> None:
     rest_ms = sum(r.seconds for r in ranked[3:]) * 1e3
     assert lines[4] == f"... {len(ranked) - 3} more rows, {rest_ms:.3f} ms together"
     assert len(profile.table().splitlines()) > len(lines)  # the default shows every row of this model
+
+
+def test_experts_in_a_module_list_are_timed_as_experts_not_as_the_router() -> None:
+    """A ModuleList is never called (its hooks never fire): each expert in it is timed instead."""
+    torch.manual_seed(0)
+    model = HandLM([ListMoE(HIDDEN, 2 * HIDDEN, 4, 2), ListMoE(HIDDEN, 2 * HIDDEN, 4, 2)])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    idx = token_batch(4, 33)
+
+    def step() -> None:
+        logits = model(idx[:, :-1])
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    slowed = [h.register_forward_hook(lambda *_: time.sleep(0.05)) for h in model.blocks[1].mlp.experts]
+    try:
+        profile = mfumon.profile_step(model, step, seq_len=32, tokens=4 * 32)
+    finally:
+        for h in slowed:
+            h.remove()
+    experts = {r.name: r for r in profile.rows if r.name.startswith("routed experts")}
+    assert set(experts) == {"routed experts blocks.0.mlp", "routed experts blocks.1.mlp"}
+    assert all(r.seconds > 0 for r in experts.values())
+    assert profile.sorted_rows()[0].name == "routed experts blocks.1.mlp"  # 4 x 50 ms in its experts
+    assert profile.row("router blocks.1.mlp").seconds < 0.05  # the sleep is not the router's
+    expected = mfumon.flop_breakdown(model, 32).total * 4 * 32
+    assert sum(r.flops for r in profile.rows) == pytest.approx(expected, rel=0.005)

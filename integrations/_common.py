@@ -73,10 +73,11 @@ class CallbackOptions:
             ("tokens_per_batch", "tokens in one batch on one device"),
             ("log_every", "optimizer steps per log"),
             ("flops_per_token", "training FLOPs per token"),
-            ("profile_every", "optimizer steps per profiled step"),
         ):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), what)
+        if self.profile_every is not None:  # 1 would leave no step in the MFU windows
+            check_int("profile_every", self.profile_every, "optimizer steps per profiled step", minimum=2)
         check_int("warmup", self.warmup, "steps excluded from averages", minimum=0)
         if not isinstance(self.step_shapes, bool):
             raise ConfigTypeError(f"step_shapes must be True or False, got {self.step_shapes!r}")

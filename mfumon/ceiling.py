@@ -91,10 +91,12 @@ def _timed(matmul: Any, iters: int, dev: torch.device) -> float:
         return time.perf_counter() - start_s
     start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
     end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    start.record()
-    for _ in range(iters):
-        matmul()
-    end.record()
+    stream = torch.cuda.current_stream(dev)  # `dev`'s stream, which need not be the current device's
+    with torch.cuda.device(dev):  # the kernels run on `dev` too
+        start.record(stream)
+        for _ in range(iters):
+            matmul()
+        end.record(stream)
     end.synchronize()  # host sync: once, after the timed loop
     return float(start.elapsed_time(end)) / 1e3
 

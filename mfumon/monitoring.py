@@ -254,10 +254,10 @@ class Monitor:
             except Exception as exc:  # a monitor must never stop a training run
                 self._faults.fault("timing", exc)
         self.flops.after_step()
-        if self._profiler is not None and self._started:  # profiling arms or reads here, never raises
-            self._profiler.after_step(self._step, tokens)
         if self._step % self._log_every == 0:
             self._windows.log(self._step)
+        if self._profiler is not None and self._started:  # after the log; never raises
+            self._profiler.after_step(self._step, tokens)
 
     # -- results -------------------------------------------------------------------------------
     @property

@@ -310,14 +310,17 @@ def _device(model: nn.Module, device: torch.device | str | None) -> torch.device
 class MonitorProfiler:
     """`Monitor(profile_every=N)`: profiles step k x N (k >= 1, after warm-up) inside a running monitor.
 
-    At the end of step k x N - 1 it arms the hooks; at the end of step k x N it leaves that step
-    untimed (out of the MFU windows), reads the marks (one sync), removes the hooks and sends the
-    profile to the loggers (`Logger.log_profile`). Steps in between run with no
-    hook. A failure is reported once and switches profiling off; training goes on.
+    At the end of step k x N - 1, after its log, it arms the hooks and tells the timer to leave the
+    next step out of the MFU windows and the wall time; at the end of step k x N it reads the marks
+    (one sync), removes the hooks and sends the profile to the loggers (`Logger.log_profile`). A
+    profiled step that held a pause (evaluation, checkpointing) is void: the next step is profiled
+    instead. Steps in between run with no hook. A failure is reported once and switches profiling
+    off; training goes on.
     """
 
     def __init__(self, every: int, monitor: Any) -> None:
-        self.every = check_int("profile_every", every, "optimizer steps per profiled step")
+        # 1 would profile every step: no step left in the MFU windows, no MFU at all
+        self.every = check_int("profile_every", every, "optimizer steps per profiled step", minimum=2)
         self._mon = monitor  # the Monitor: its model, FLOP model, timer, windows, faults, device
         self._recorder: Any = None  # a StepRecorder, built at the first profiled step
         self.off = False
@@ -331,13 +334,18 @@ class MonitorProfiler:
             return
         mon = self._mon
         try:
+            again = False
             if self._recorder is not None and self._recorder.armed:
-                mon._timer.untime_last()  # its hooks slowed it: the profiled step stays out of the windows
-                self._finish(step, tokens)
-            if (step + 1) % self.every == 0 and step + 1 > mon._windows.first_step + mon._warmup:
+                if mon._timer.last_paused:  # paused time is no component's: profile the next step
+                    self._recorder.remove()
+                    again = True
+                else:
+                    self._finish(step, tokens)
+            if again or (step + 1) % self.every == 0 and step + 1 > mon._windows.first_step + mon._warmup:
                 if self._recorder is None:
                     self._recorder = StepRecorder(mon.model, mon.device)
                 self._recorder.arm()
+                mon._timer.untime_next()
         except Exception as exc:  # a monitor must never stop a training run
             self.remove()
             self.off = True

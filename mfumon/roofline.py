@@ -327,11 +327,19 @@ def optimizer_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> float:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
-                total += 3 * p.numel() * p.element_size()  # the gradient has the parameter's size
+                local = _local(p)  # FSDP2 / DTensor: this rank's shard is what its optimizer touches
+                total += 3 * local.numel() * local.element_size()  # the gradient has the parameter's size
                 for value in opt.state.get(p, {}).values():
                     if isinstance(value, torch.Tensor) and value.numel() > 1:
+                        value = _local(value)
                         total += 2 * value.numel() * value.element_size()
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2, tensor parallel), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def roofline(

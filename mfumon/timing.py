@@ -79,6 +79,8 @@ class StepTimer:
         self._last: Any = None  # mark the next step starts from; None while paused
         self._previous: Any = None  # the last step's end (or the first start()): spans chain from it
         self._forward: Any = None  # mark at the first forward of the step in progress
+        self._untimed = False  # the next step is profiled: no time, no span (untime_next)
+        self.last_paused = False  # whether the last marked step held a pause
         self._banked: list[tuple[Any, Any]] = []  # spans of the step in progress before a pause
         self._free_events: list[torch.cuda.Event] = []
         self._free_slots: list[torch.Tensor] = []
@@ -165,17 +167,19 @@ class StepTimer:
         if self._banked:
             banked, self._banked = self._banked, []
         forward, self._forward = self._forward, None
-        self._pending.append(
-            _Recorded(index, self._last, end, tokens, banked, extra, self._previous, forward)
-        )
+        self.last_paused = bool(banked) or self._last is None  # a pause inside it (its profile is void)
+        start, previous = self._last, self._previous
+        if self._untimed:  # profiled: its hooks slowed it, and its time is the profile's
+            start = previous = None
+            self._untimed = False
+        self._pending.append(_Recorded(index, start, end, tokens, banked, extra, previous, forward))
         self._previous = end
         if self._last is not None:  # a step that ends while paused leaves the timer paused
             self._last = end
 
-    def untime_last(self) -> None:
-        """Leave the step just marked untimed (out of the windows, as if it ended paused): a profiled step."""
-        if self._pending:
-            self._pending[-1].start = None
+    def untime_next(self) -> None:
+        """Leave the next step out of every window and the wall time (no time, no span): a profiled step."""
+        self._untimed = True
 
     def _stage(self, tokens: torch.Tensor) -> Any:
         if tokens.device.type == "cpu":

@@ -297,7 +297,7 @@ def test_the_monitors_own_log_work_is_no_input_wait_on_one_rank() -> None:
         for _ in range(8):
             mon.step(tokens=train(model, opt, batch(), 0.01))
     later = [keep.windows[s] for s in (4, 6, 8)]  # each after a 30 ms log
-    assert all(w[K.INPUT_WAIT_FRAC] < 0.05 for w in later)  # not loading data
+    assert all(w[K.INPUT_WAIT_FRAC] < 0.15 for w in later)  # not loading data (as input wait: 0.7)
     assert all(w[K.GOODPUT] < 0.8 for w in later)  # a gap in the wall time: 30 ms beside ~2 x 10 ms
 
 

@@ -164,7 +164,10 @@ def test_step_profile_is_a_table_in_the_offline_run(tiny, wandb_dir: Path) -> No
             mon.step(tokens=train_step(model, opt))
     run = wandb_run(wandb_dir)
     refs = [  # the table reference, flattened by the reader: mfumon/profile/<field>
-        (r["mfumon/step"], {k.rpartition("/")[2]: v for k, v in r.items() if k.startswith("mfumon/profile/")})
+        (
+            r["mfumon/profile_step"],
+            {k.rpartition("/")[2]: v for k, v in r.items() if k.startswith("mfumon/profile/")},
+        )
         for r in run["history"]
         if "mfumon/profile/path" in r
     ]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import mfumon
+from mfumon import metrics as K
 from mfumon.roofline import roofline
 from tests.test_recompute import enable_hf
 from tests.tiny_models import HIDDEN, HandLM, ListMoE, hf_model, token_batch
@@ -302,6 +303,30 @@ def test_monitor_profiles_one_step_in_n_outside_the_windows(tmp_path: Any) -> No
     assert {"name", "flops", "bytes", "seconds", "time_lost"} <= set(rows[0])
     assert profiled[0]["profile"]["peak_tflops"] == 1.0
     assert sum(r["seconds"] for r in rows) == pytest.approx(profiled[0]["profile"]["seconds"])
+    windows = [r for r in records if "profile" not in r]
+    assert all(r[K.GOODPUT] > 0.9 for r in windows)  # a profiled step is no paused time (it read 0.67)
+    assert mon.summary()["paused_s"] < 0.1 * mon.summary()["wall_s"]
+
+
+def test_a_pause_inside_the_profiled_step_voids_it_and_the_next_step_is_profiled() -> None:
+    model, _, _ = trainer("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batch(B, S)
+    seen = Profiles()
+    with mfumon.monitor(
+        model, seq_len=S, log_every=4, warmup=0, profile_every=4, loggers=seen, peak_tflops=1.0
+    ) as mon:
+        for step in range(1, 9):
+            if step == 4:  # an evaluation before step 4's work: the armed step holds a pause
+                with mon.paused():
+                    time.sleep(0.2)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(tokens=B * S)
+    assert sorted(seen.profiles) == [5, 8]  # step 4's profile was void: step 5 was profiled instead
+    assert all(p.seconds < 0.2 for p in seen.profiles.values())  # no evaluation in any profile
+    assert hook_count(model) == 0
 
 
 def test_a_failing_profile_is_reported_once_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -329,10 +354,11 @@ def test_a_failing_profile_is_reported_once_and_the_run_goes_on(caplog: pytest.L
 
 
 def test_profile_every_needs_a_model_and_a_positive_n() -> None:
-    with pytest.raises(mfumon.ConfigError, match="profile_every must be an int >= 1"):
-        mfumon.Monitor(
-            nn.Linear(4, 4), seq_len=4, profile_every=0, loggers=(), peak_tflops=1.0, self_check=False
-        )
+    for every in (0, 1):  # 1 would profile every step: no step left in the MFU windows
+        with pytest.raises(mfumon.ConfigError, match="profile_every must be an int >= 2"):
+            mfumon.Monitor(
+                nn.Linear(4, 4), seq_len=4, profile_every=every, loggers=(), peak_tflops=1.0, self_check=False
+            )
     with pytest.raises(mfumon.ConfigError, match="profile_every needs the model"):
         mfumon.Monitor(flops_per_token=6, profile_every=3, loggers=(), peak_tflops=1.0)
 

@@ -98,11 +98,10 @@ class WandbLogger(Logger):
 
         columns = list(PROFILE_COLUMNS)
         rows = [[getattr(r, c) for c in columns] for r in profile.sorted_rows()]
-        data = {"mfumon/profile": wandb.Table(columns=columns, data=rows), STEP_KEY: step}
-        if self._owned:
-            self.run.log(data, step=step, commit=False)
-        else:
-            self.run.log(data, commit=False)
+        # It joins the next committed row, whatever that row's step (a pipelined exchange sends a
+        # window one log late, and W&B drops rows whose step goes back); its own step rides with it.
+        data = {"mfumon/profile": wandb.Table(columns=columns, data=rows), "mfumon/profile_step": step}
+        self.run.log(data, commit=False)
 
     def log_run_info(self, info: Mapping[str, Any]) -> None:
         facts = {f"mfumon/{k}": info[k] for k in _RUN_FACTS if k in info}

@@ -59,7 +59,7 @@ AXIS_LABELS = {
 }
 MAX_POINTS = 4000  # per drawn line; longer series keep each bucket's first, last, min and max
 GAP = 1.5  # a step gap over 1.5 windows means windows are missing (paused, or none logged)
-PAUSED = 0.01  # a window whose goodput is under 1 - PAUSED holds paused time (evaluation, checkpoints)
+PAUSED = 0.05  # a window whose goodput is under 1 - PAUSED lost notable time outside its steps (as stdout)
 MAX_GAP_MARKS = 500  # gaps shaded per chart; the line is broken at every gap regardless
 
 
@@ -283,7 +283,12 @@ def _draw_run(ax: Axes, run: RunLog, key: str, every_step: np.ndarray, *, color:
         )
     for start, width, share in paused_spans(run, every_step)[:MAX_GAP_MARKS]:
         ax.axvspan(
-            start, start + width, color="tab:red", alpha=0.08 + 0.3 * share, lw=0, label="paused in window"
+            start,
+            start + width,
+            color="tab:red",
+            alpha=0.08 + 0.3 * share,
+            lw=0,
+            label="paused or gaps in window",
         )
 
 

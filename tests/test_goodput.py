@@ -65,7 +65,10 @@ def run(
     *, steps: int, pause_s: float = 0.0, loader_s: float = 0.0, busy: float = 0.01, warmup: int = 0
 ) -> tuple[Keep, dict, dict[int, dict[str, float]]]:
     """Train with a known pause per window and a known loader delay per step; returns the monitor's
-    windows, its summary and the test's own truths per window (goodput, input-wait share)."""
+    windows, its summary and the test's own truths per window (goodput, input-wait share).
+
+    Each log's own work (inside the mon.step() call that logs, after the step's end) is a gap in
+    the next window's wall time, as a pause is: the truths count it so, from the test's clock."""
     torch.manual_seed(0)
     model = TinyLM(VOCAB)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -75,18 +78,21 @@ def run(
         model, seq_len=SEQ, log_every=LOG_EVERY, warmup=warmup, loggers=(keep,), peak_tflops=1.0
     ) as mon:
         window_start = last_end = time.perf_counter()
-        paused = waited = 0.0
+        paused = waited = gap = log_s = 0.0
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
             spin(loader_s)  # the data loader: before the first forward
             ids = batch()
-            waited += time.perf_counter() - t0 + (t0 - last_end)
+            waited += time.perf_counter() - t0 + (t0 - last_end) - gap
+            gap = 0.0
             tokens = train(model, opt, ids, busy)
-            last_end = time.perf_counter()  # the step's end: the monitor's own work after it is host work
+            last_end = time.perf_counter()  # the step's end
             mon.step(tokens=tokens)
             if step % LOG_EVERY == 0:
                 wall = last_end - window_start
-                truths[step] = {"goodput": (wall - paused) / wall, "wait": waited / (wall - paused)}
+                lost = paused + log_s  # the pause and the previous log's work: no step's time
+                truths[step] = {"goodput": (wall - lost) / wall, "wait": waited / (wall - lost)}
+                gap = log_s = time.perf_counter() - last_end  # this log's work: in the next window
                 if pause_s:  # evaluation: paused, after the window's last step
                     p0 = time.perf_counter()
                     with mon.paused():
@@ -95,6 +101,7 @@ def run(
                 else:
                     paused = 0.0
                 window_start, waited = last_end, 0.0  # the pause is in the next window's wall time
+                gap += paused  # a paused step holds no input wait: neither time is the loader's
     return keep, mon.summary(), truths
 
 
@@ -113,7 +120,7 @@ def test_goodput_is_one_without_pauses() -> None:
     keep, _, truths = run(steps=3 * LOG_EVERY)
     for step, window in keep.windows.items():
         assert window[K.GOODPUT] == pytest.approx(truths[step]["goodput"], abs=0.02)
-        assert window[K.GOODPUT] > 0.98
+        assert window[K.GOODPUT] > 0.9  # only the logs' own work is outside the steps
 
 
 def test_input_wait_is_the_loaders_share_of_the_step() -> None:

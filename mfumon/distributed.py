@@ -227,7 +227,7 @@ class Reducer:
             flight.work.wait()  # pipelined: started a log ago, so normally done already
         # Under gloo these are CPU tensors already; with a device group this waits, once per log.
         table = torch.stack(flight.gathered).cpu()  # (ranks, row); host sync: once per log interval
-        rows = table[:, : 1 + 2 * _WIDTH].tolist()  # the windows: a few values per rank
+        rows = table[:, : 1 + 2 * _WIDTH].tolist()  # host tensor, no sync: the windows, a few values a rank
         self._agreed = int(min(r[0] for r in rows))
         measured = [Window(*r[1 + _WIDTH :]) for r in rows]
         return Reduced(
@@ -350,7 +350,7 @@ def combine_table(ops: tuple[str, ...], table: torch.Tensor) -> list[float]:
             table.masked_fill(missing, math.inf).amin(0),
         ),
     )
-    return out.masked_fill(missing.all(0), math.nan).tolist()
+    return out.masked_fill(missing.all(0), math.nan).tolist()  # a host tensor: no sync
 
 
 @functools.lru_cache(maxsize=8)

@@ -239,14 +239,16 @@ class ExpertLoad(Source):
         while self._copies and (final or (not ready and self._copies[0][0].query())):
             event, slot = self._copies.popleft()
             if final:
-                event.synchronize()  # close: the one wait, as the step clock's
+                event.synchronize()  # host sync: once, at close, as the step clock's
             total += slot
             ready = True
         if not ready:
             return [math.nan] * (self.fields[0].size + 1)  # nothing finished yet: not measured, not zero
         out: list[float] = []
         for offset, reader in zip(self._offsets, self.readers, strict=True):
-            out.extend(float(v) for v in total[offset : offset + reader.num_experts].tolist())
+            out.extend(
+                float(v) for v in total[offset : offset + reader.num_experts].tolist()
+            )  # host: no sync
         return [*out, 1.0]
 
     def metrics(

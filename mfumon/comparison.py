@@ -218,11 +218,3 @@ def format_value(name: str, value: float | None) -> str:
 def format_change(change: float | None) -> str:
     """A relative change as a signed percentage, "-" when unknown."""
     return "-" if change is None else f"{change * 100:+.2f}%"
-
-
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mfumon import metrics as K
 from mfumon.errors import ConfigError, MissingDependencyError
-from mfumon.runlog import PREFIX, RunLog, read_run
+from mfumon.runlog import PREFIX, RunLog, is_number, read_run
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,7 +103,7 @@ def choose_metrics(runs: Sequence[RunLog], metrics: str | Sequence[str] | None =
     union = set().union(*named)
 
     def logged(key: str, run_index: int) -> bool:  # a number in at least one window (stops at the first)
-        return key in named[run_index] and any(_number(r.get(key)) for r in runs[run_index].records)
+        return key in named[run_index] and any(is_number(r.get(key)) for r in runs[run_index].records)
 
     if len(runs) > 1 and not any(
         all(logged(key, i) for i in range(len(runs))) for key in set.intersection(*named)
@@ -320,14 +320,9 @@ def _gap_spans(x: np.ndarray) -> list[tuple[float, float]]:
     return [(x[i - 1], x[i + 1] - x[i - 1]) for i in at if x[i + 1] > x[i - 1]]
 
 
-def _number(value: Any) -> bool:
-    """Whether a value read from a file is a finite number (not a bool, a string, None, NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _positive(value: Any) -> float | None:
     """`value` when it is a finite number > 0 (a fact read from a file), else None."""
-    return float(value) if _number(value) and value > 0 else None
+    return float(value) if is_number(value) and value > 0 else None
 
 
 def _labels(runs: Sequence[RunLog]) -> list[str]:

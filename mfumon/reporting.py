@@ -7,7 +7,6 @@ run measured, with the rest labelled as not explained by any measurement.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from mfumon import metrics as K
 from mfumon import report_html
 from mfumon.errors import MfumonError
-from mfumon.runlog import PREFIX, RunLog, read_run
+from mfumon.runlog import PREFIX, RunLog, is_number, read_run
 from mfumon.wholerun import whole_run_values
 
 __all__ = [
@@ -199,12 +198,12 @@ def _windows(run: RunLog) -> int:
 def _whole_run(full: Series, summary: dict[str, Any], key: str) -> float | None:
     """The whole-run value of `key` (from `_summary`: the summary's, else the windows' added up)."""
     value = summary.get(key)
-    return float(value) if _finite(value) else None
+    return float(value) if is_number(value) else None
 
 
 def _peak(run: RunLog, full: Series) -> float | None:
     peak = run.run.get("peak_tflops")
-    if _finite(peak) and peak > 0:
+    if is_number(peak) and peak > 0:
         return float(peak)
     return full[K.PEAK_TFLOPS][1][-1] if K.PEAK_TFLOPS in full else None
 
@@ -226,9 +225,9 @@ def waterfall(
     causes: list[tuple[str, float, str]] = []  # (name, fraction of what is left, measured by)
     measured = run.run.get("measured_peak_tflops")
     notes = []
-    if _finite(measured) and measured >= peak:
+    if is_number(measured) and measured >= peak:
         notes.append(f"the measured GEMM ceiling ({measured:.4g} TFLOP/s) is not below the peak: no drop")
-    if _finite(measured) and 0 < measured < peak:
+    if is_number(measured) and 0 < measured < peak:
         by = f"measured_peak_tflops {measured:.4g}"
         causes.append(("GEMM ceiling (measured)", 1 - measured / peak, by))
     for name, frac in _profile_losses(profile):
@@ -270,15 +269,11 @@ def _profile_losses(profile: dict[str, Any] | None) -> list[tuple[str, float]]:
         return []
     rows = [r for r in profile.get("rows", []) if isinstance(r, dict)]
     total = profile.get("seconds")
-    if not _finite(total) or total <= 0:
-        total = sum(float(r.get("seconds", 0.0)) for r in rows if _finite(r.get("seconds")))
+    if not is_number(total) or total <= 0:
+        total = sum(float(r.get("seconds", 0.0)) for r in rows if is_number(r.get("seconds")))
     out = []
     for row in rows:
         lost = row.get("time_lost")
-        if _finite(lost) and lost > 0 and total > 0:
+        if is_number(lost) and lost > 0 and total > 0:
             out.append((str(row.get("name", "?")), lost / total))
     return out
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

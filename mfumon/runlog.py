@@ -16,7 +16,7 @@ from typing import Any
 
 from mfumon.errors import MfumonError
 
-__all__ = ["RunLog", "RunLogError", "read_run"]
+__all__ = ["RunLog", "RunLogError", "is_number", "read_run"]
 
 PREFIX = "mfumon/"
 
@@ -53,7 +53,7 @@ class RunLog:
             for record in self.records:
                 step = record["step"]
                 for key, value in record.items():
-                    if key.startswith(PREFIX) and _number(value):
+                    if key.startswith(PREFIX) and is_number(value):
                         steps, values = out.setdefault(key, ([], []))
                         steps.append(step)
                         values.append(float(value))
@@ -118,5 +118,6 @@ def _summary(path: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether a value read from a run file is a finite number (not a bool, a string, None or NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

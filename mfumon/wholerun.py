@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from mfumon import metrics as K
-from mfumon.runlog import PREFIX, RunLog
+from mfumon.runlog import PREFIX, RunLog, is_number
 
 __all__ = ["RULES", "from_windows", "latest_run", "summary_is_stale", "whole_run_values"]
 
@@ -52,7 +52,7 @@ def whole_run_values(run: RunLog) -> tuple[dict[str, float], str]:
     windows = latest_run(run.records)
     stale = run.summary is not None and summary_is_stale(run)
     if run.summary is not None and not stale:
-        summary = {k: float(v) for k, v in run.summary.items() if k.startswith(PREFIX) and _number(v)}
+        summary = {k: float(v) for k, v in run.summary.items() if k.startswith(PREFIX) and is_number(v)}
         if summary:
             return {**from_windows(run, windows), **summary}, "summary.json"
     n = sum(1 for r in windows if "profile" not in r and any(k.startswith(PREFIX) for k in r))
@@ -71,7 +71,7 @@ def summary_is_stale(run: RunLog) -> bool:
         written = run.path.with_suffix(".summary.json").stat().st_mtime
     except OSError:
         return False
-    return _number(last) and written + 1.0 < float(last)  # 1 s: the clocks of file system and host
+    return is_number(last) and written + 1.0 < float(last)  # 1 s: the clocks of file system and host
 
 
 def latest_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,27 +94,27 @@ def from_windows(run: RunLog, records: list[dict[str, Any]] | None = None) -> di
     lasts: dict[str, float] = {}
     for record in records:
         ms, step = record.get(K.STEP_TIME_MS), record.get("step")
-        if not _number(step) or "profile" in record:
+        if not is_number(step) or "profile" in record:
             continue  # not a window
         n, previous = step - previous, step
-        if _number(ms) and n > 0:
+        if is_number(ms) and n > 0:
             seconds = n * float(ms) / 1e3
             goodput = record.get(K.GOODPUT)
-            wall = seconds / goodput if _number(goodput) and goodput > 0 else None
+            wall = seconds / goodput if is_number(goodput) and goodput > 0 else None
             tokens = record.get(K.TOKENS_PER_S)
             weight = {
                 "time": seconds,
                 "steps": float(n),
                 "goodput": wall,
                 "wall": wall if wall is not None else seconds,
-                "tokens": seconds * tokens if _number(tokens) else None,
+                "tokens": seconds * tokens if is_number(tokens) else None,
             }
         else:  # a window without its step time (hand-written, or cut): each such window weighs alike
             seconds, weight = 1.0, dict.fromkeys(("time", "steps", "wall", "tokens"), 1.0)
             goodput = record.get(K.GOODPUT)
-            weight["goodput"] = 1.0 / goodput if _number(goodput) and goodput > 0 else None
+            weight["goodput"] = 1.0 / goodput if is_number(goodput) and goodput > 0 else None
         for key, value in record.items():
-            if not key.startswith(PREFIX) or not _number(value):
+            if not key.startswith(PREFIX) or not is_number(value):
                 continue
             rule = RULES.get(key, "time")
             if rule == "max":
@@ -137,7 +137,3 @@ def from_windows(run: RunLog, records: list[dict[str, Any]] | None = None) -> di
 
 def _int(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -24,11 +24,27 @@ __all__ = [
     "device_name",
     "faults",
     "identify_device",
+    "model_device",
     "nvml_handle",
     "nvml_int",
 ]
 
 faults = FaultLog()  # device-naming faults: one record per kind per process
+
+
+def model_device(
+    model: torch.nn.Module | None, device: torch.device | str | None = None
+) -> torch.device | None:
+    """`device`, else the device of `model`'s first parameter not on meta; a CUDA device without an
+    index gets the current one. None when neither is given (the caller picks its default)."""
+    if device is not None:
+        found: torch.device | None = torch.device(device)
+    else:
+        params = model.parameters() if model is not None else ()
+        found = next((p.device for p in params if p.device.type != "meta"), None)
+    if found is not None and found.type == "cuda" and found.index is None:
+        found = torch.device("cuda", torch.cuda.current_device())
+    return found
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfumon.devices import model_device
 from mfumon.distributed import Reducer, initialized, rank_world
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigTypeError, FaultLog, check_int
@@ -345,19 +346,12 @@ def default_run_name() -> str:
 
 
 def _device(device: torch.device | str | None, model: nn.Module | None) -> torch.device:
-    """The device whose clock and peak are used: `device`, else the model's first real parameter's."""
-    if device is not None:
-        found = torch.device(device)
-    else:
-        params = model.parameters() if model is not None else ()
-        found = next((p.device for p in params if p.device.type != "meta"), None)
-        if found is None and torch.cuda.is_available():
-            found = torch.device("cuda", torch.cuda.current_device())
-        if found is None:
-            found = torch.device("cpu")
-    if found.type == "cuda" and found.index is None:
+    """The device whose clock and peak are used: `device`, else the model's first real parameter's,
+    else the current CUDA device where there is one, else the CPU."""
+    found = model_device(model, device)
+    if found is None and torch.cuda.is_available():
         found = torch.device("cuda", torch.cuda.current_device())
-    return found
+    return found if found is not None else torch.device("cpu")
 
 
 def monitor(model: nn.Module | None = None, **options: Any) -> Monitor:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mfumon.devices import model_device
 from mfumon.dtypes import matmul_dtype, normalize_dtype
 from mfumon.errors import ConfigError, ConfigTypeError, check_int
 from mfumon.flops import FlopBreakdown, flop_breakdown
@@ -250,7 +251,7 @@ def profile_step(
         raise ConfigTypeError("step_fn must be a function running one training step: forward, backward, step")
     tokens = check_int("tokens", tokens, "tokens the step processes on this device")
     check_int("seq_len", seq_len, "tokens per sequence")
-    target = _device(model, device)
+    target = model_device(model, device) or torch.device("cpu")
     canonical = (
         normalize_dtype(dtype) if dtype is not None else matmul_dtype(getattr(model, "_orig_mod", model))
     )
@@ -295,16 +296,6 @@ def ceilings(
         peak = peak if peak is not None else peak_flops(dtype=dtype, device=device)
         bandwidth = bandwidth if bandwidth is not None else memory_bandwidth(device=device)
     return peak, bandwidth
-
-
-def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        found = torch.device(device)
-    else:
-        found = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    if found.type == "cuda" and found.index is None:
-        found = torch.device("cuda", torch.cuda.current_device())
-    return found
 
 
 class MonitorProfiler:

@@ -148,7 +148,7 @@ def build(run: RunLog) -> dict[str, Any]:
         "decimated": decimated,
         "max_points": MAX_POINTS,
         "charts": [(title, [k for k in keys if k in series]) for title, keys in CHARTS],
-        "ledger": {k: v for k in LEDGER_KEYS if (v := _whole_run(full, summary, k)) is not None},
+        "ledger": {k: v for k in LEDGER_KEYS if (v := _whole_run(summary, k)) is not None},
         "profile": profile,
         "profile_step": profile_step,
         "waterfall": waterfall(run, full, summary, profile),
@@ -195,7 +195,7 @@ def _windows(run: RunLog) -> int:
     return sum(1 for r in run.records if "profile" not in r or any(k.startswith(PREFIX) for k in r))
 
 
-def _whole_run(full: Series, summary: dict[str, Any], key: str) -> float | None:
+def _whole_run(summary: dict[str, Any], key: str) -> float | None:
     """The whole-run value of `key` (from `_summary`: the summary's, else the windows' added up)."""
     value = summary.get(key)
     return float(value) if is_number(value) else None
@@ -219,7 +219,7 @@ def waterfall(
     remainder is negative and says so. Without a peak there is no MFU and no waterfall.
     """
     peak = _peak(run, full)
-    achieved = _whole_run(full, summary, K.MFU)
+    achieved = _whole_run(summary, K.MFU)
     if peak is None or achieved is None:
         return {"absent": "no peak known for this run, so no MFU to break down"}
     causes: list[tuple[str, float, str]] = []  # (name, fraction of what is left, measured by)
@@ -232,17 +232,17 @@ def waterfall(
         causes.append(("GEMM ceiling (measured)", 1 - measured / peak, by))
     for name, frac in _profile_losses(profile):
         causes.append((f"{name}: time lost (step profile)", frac, "latest step profile"))
-    wait = _whole_run(full, summary, PREFIX + "input_wait_frac")
+    wait = _whole_run(summary, PREFIX + "input_wait_frac")
     if wait is not None:
         causes.append(("input wait", wait, "mfumon/input_wait_frac"))
-    slow, fast = (_whole_run(full, summary, PREFIX + k) for k in ("step_time_max_ms", "step_time_min_ms"))
+    slow, fast = (_whole_run(summary, PREFIX + k) for k in ("step_time_max_ms", "step_time_min_ms"))
     if slow and fast is not None and slow > 0:
         causes.append(("slowest rank's lead", 1 - fast / slow, "step_time_min_ms / step_time_max_ms"))
     end_name = "achieved MFU"
-    goodput = _whole_run(full, summary, PREFIX + "goodput")
+    goodput = _whole_run(summary, PREFIX + "goodput")
     if goodput is not None:
         causes.append(("paused time and gaps (1 - goodput)", 1 - goodput, "mfumon/goodput"))
-        wall = _whole_run(full, summary, PREFIX + "mfu_wall")
+        wall = _whole_run(summary, PREFIX + "mfu_wall")
         achieved, end_name = (wall if wall is not None else achieved * goodput), "achieved MFU over wall time"
     level, drops = 1.0, []
     for name, frac, by in causes:

@@ -16,11 +16,13 @@ from mfumon._checkpoints import CheckpointPlan, ObservedRecompute, Rerun, find_p
 from mfumon._walk import full_shape, has_head_attrs, named_modules, own_params
 from mfumon.errors import ConfigTypeError
 
-__all__ = ["RecomputeProbe", "run_probed"]
+__all__ = ["RecomputeProbe", "in_backward", "run_probed"]
 
 
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1  # the autograd engine is running a backward pass
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (a hook called from a
+    gradient, or a forward that activation checkpointing re-runs)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RecomputeProbe:
@@ -117,7 +119,7 @@ class RecomputeProbe:
     def _pre_hook(self, i: int, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.compiler.is_compiling():
             return
-        if _in_backward():
+        if in_backward():
             self.backward_seen = True
             self._active[self._top[i]] = True
             self._armed[i] = not self._on_start[i]
@@ -138,7 +140,7 @@ class RecomputeProbe:
     def _post_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if torch.compiler.is_compiling():
             return
-        if _in_backward():
+        if in_backward():
             self._reruns[i] += 1
             if self._armed[i]:
                 self._own[i] += 1

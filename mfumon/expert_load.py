@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from mfumon import metrics as K
 from mfumon._experts import MoEParts, moe_parts
+from mfumon._probe import in_backward
 from mfumon.errors import FaultLog
 from mfumon.ledger import Field, Source
 
@@ -117,7 +118,7 @@ def _in_backward() -> bool:
     """True while autograd runs a backward on this thread (an activation-checkpointing recompute)."""
     if torch.compiler.is_compiling():  # compiled: the backward never re-runs Python hooks
         return False
-    return torch._C._current_graph_task_id() != -1
+    return in_backward()
 
 
 class ExpertLoad(Source):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from mfumon._probe import in_backward
 from mfumon.roofline import COMPONENTS, OPTIMIZER, OTHER, ComponentMap, component_map
 
 __all__ = ["StepRecorder"]
@@ -53,7 +54,7 @@ class StepRecorder:
         else:
             clock = time.perf_counter()
         # inside the autograd engine (backward hooks, and forwards re-run by activation checkpointing)
-        self._marks.append((clock, kind, unit, torch._C._current_graph_task_id() != -1))
+        self._marks.append((clock, kind, unit, in_backward()))
 
     def _safe(self, fn: Callable[..., None]) -> Callable[..., None]:
         def hook(*args: Any) -> None:

@@ -4,15 +4,7 @@
 #   bash benchmarks/gpu_checks.sh
 # Wheels the machine lacks (torchao, pytest) can be put in .gpuwheels/ (pip download --no-deps).
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/mfumon-gpu}
-mkdir -p "$OUT"
-[ -e mfumon/integrations ] || ln -s ../integrations mfumon/integrations  # source tree without install
-export PYTHONPATH=$PWD
-if [ -d .gpuwheels ]; then
-  python -m pip install -q --no-index --no-deps --find-links .gpuwheels .gpuwheels/*.whl 2>&1 | tail -2
-fi
-section() { echo; echo "=== $1 ($(date +%T))"; }
+source "$(dirname "$0")/gpu_env.sh"
 section machine
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv
 python -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"

@@ -3,16 +3,8 @@
 # most important first; everything also goes to $OUT/all.txt (default /tmp/mfumon-gpu).
 #   bash benchmarks/gpu_checks_ledger.sh
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/mfumon-gpu}
-mkdir -p "$OUT"
-[ -e mfumon/integrations ] || ln -s ../integrations mfumon/integrations  # source tree without install
-export PYTHONPATH=$PWD
-if [ -d .gpuwheels ]; then
-  python -m pip install -q --no-index --no-deps --find-links .gpuwheels .gpuwheels/*.whl 2>&1 | tail -2
-fi
+source "$(dirname "$0")/gpu_env.sh"
 exec > >(tee -a "$OUT/all.txt") 2>&1
-section() { echo; echo "=== $1 ($(date +%T))"; }
 section machine
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv
 python -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"

@@ -1,5 +1,7 @@
-set -u; export PYTHONPATH=$PWD; [ -e mfumon/integrations ] || ln -s ../integrations mfumon/integrations
-python -m pip install -q --no-index --no-deps --find-links .gpuwheels .gpuwheels/*.whl 2>&1 | tail -2
+#!/usr/bin/env bash
+# The short second GPU pass: expert load on a GPU, mon.step()'s cost, bench_expert_load.py.
+set -u
+source "$(dirname "$0")/gpu_env.sh"
 python -c "import transformers; print('transformers', transformers.__version__)"
 timeout 120 python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_expert_load.py -k "gpu or hand_written or two_ranks" 2>&1 | tail -4
 timeout 150 python - <<'PY'

@@ -173,10 +173,8 @@ def test_ranks_combine_wall_as_the_slowest_and_input_wait_time_weighted() -> Non
     assert g.input_wait / g.waited == pytest.approx(0.8 / 3.2)  # (0.2 + 0.6) s of (2.0 + 1.2) s
 
 
-def test_jsonl_carries_the_ledger_keys(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def test_jsonl_carries_the_ledger_keys(tiny, tmp_path: Path) -> None:
+    model, opt = tiny
     options = dict(seq_len=SEQ, log_every=2, warmup=0, peak_tflops=1.0, run_name="r", log_dir=tmp_path)
     with mfumon.monitor(model, loggers=("jsonl",), **options) as mon:
         for _ in range(4):
@@ -187,10 +185,8 @@ def test_jsonl_carries_the_ledger_keys(tmp_path: Path) -> None:
     assert {"wall_s", "training_s", "input_wait_s", "paused_s", "warmup_s"} <= set(summary)
 
 
-def test_a_window_of_paused_steps_only_still_counts_its_wall_time() -> None:
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def test_a_window_of_paused_steps_only_still_counts_its_wall_time(tiny) -> None:
+    model, opt = tiny
     with mfumon.monitor(model, seq_len=SEQ, log_every=2, warmup=0, loggers=(), peak_tflops=1.0) as mon:
         for step in range(1, 7):
             if step in (3, 4):  # a whole window inside a pause: no timed step, nothing logged
@@ -208,10 +204,8 @@ def test_a_window_of_paused_steps_only_still_counts_its_wall_time() -> None:
     assert paused > 0.03
 
 
-def test_the_stdout_summary_line_shares_out_the_wall_time(capsys: pytest.CaptureFixture[str]) -> None:
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def test_the_stdout_summary_line_shares_out_the_wall_time(tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    model, opt = tiny
     with mfumon.monitor(
         model, seq_len=SEQ, log_every=2, warmup=2, loggers=("stdout",), peak_tflops=1.0
     ) as mon:
@@ -228,11 +222,9 @@ def test_the_stdout_summary_line_shares_out_the_wall_time(capsys: pytest.Capture
     assert s["paused_s"] >= 0.03 and shares[2] > 0  # the pause shows: the line could be wrong
 
 
-def test_a_compiled_model_traces_the_hook_away_and_leaves_input_wait_out() -> None:
+def test_a_compiled_model_traces_the_hook_away_and_leaves_input_wait_out(tiny) -> None:
     """fullgraph=True raises on any graph break: the input-wait hook must trace to nothing."""
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, opt = tiny
     keep = Keep()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -252,10 +244,8 @@ def test_a_compiled_model_traces_the_hook_away_and_leaves_input_wait_out() -> No
     assert all(K.GOODPUT in w for w in keep.windows.values())  # the step clock is outside the model
 
 
-def test_a_step_that_ends_while_paused_leaves_the_timer_paused() -> None:
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def test_a_step_that_ends_while_paused_leaves_the_timer_paused(tiny) -> None:
+    model, opt = tiny
     keep = Keep()
     with mfumon.monitor(model, seq_len=SEQ, log_every=4, warmup=0, loggers=(keep,), peak_tflops=1.0) as mon:
         for step in range(1, 9):
@@ -273,10 +263,8 @@ def test_a_step_that_ends_while_paused_leaves_the_timer_paused() -> None:
     assert window[K.INPUT_WAIT_FRAC] < 0.2
 
 
-def test_an_eval_forward_between_steps_is_no_steps_first_forward() -> None:
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def test_an_eval_forward_between_steps_is_no_steps_first_forward(tiny) -> None:
+    model, opt = tiny
     keep = Keep()
     with mfumon.monitor(model, seq_len=SEQ, log_every=4, warmup=0, loggers=(keep,), peak_tflops=1.0) as mon:
         for _ in range(8):
@@ -295,10 +283,8 @@ class SlowLogger(Keep):
         time.sleep(0.03)  # a slow backend (W&B over a bad network)
 
 
-def test_the_monitors_own_log_work_is_no_input_wait_on_one_rank() -> None:
-    torch.manual_seed(0)
-    model = TinyLM(VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def test_the_monitors_own_log_work_is_no_input_wait_on_one_rank(tiny) -> None:
+    model, opt = tiny
     keep = SlowLogger()
     with mfumon.monitor(model, seq_len=SEQ, log_every=2, warmup=0, loggers=(keep,), peak_tflops=1.0) as mon:
         for _ in range(8):

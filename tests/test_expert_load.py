@@ -23,7 +23,7 @@ from mfumon.errors import FaultLog
 from mfumon.expert_load import TOKENS_DETAIL_MAX, expert_load_source
 from tests.conftest import mfumon_records
 from tests.procs import exit_now, spawn
-from tests.tiny_models import HIDDEN, VOCAB, Expert, HandLM, hand_moe_lm, token_batch
+from tests.tiny_models import HIDDEN, VOCAB, Expert, HandLM, dispatch, hand_moe_lm, token_batch
 
 E, TOP_K = 4, 2
 
@@ -58,12 +58,7 @@ class RoutedMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         got = self.router(flat)
         weights, chosen = got if isinstance(got, tuple) else torch.topk(got, self.top_k, dim=-1)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.view_as(x)
+        return dispatch(self.experts, flat, weights, chosen).view_as(x)
 
 
 class ArgExperts(nn.Module):

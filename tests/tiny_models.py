@@ -142,12 +142,19 @@ class ListMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (T, d)
         weights, chosen = torch.topk(self.gate(flat).softmax(dim=-1), self._k, dim=-1)  # (T, k)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.view_as(x)
+        return dispatch(self.experts, flat, weights, chosen).view_as(x)
+
+
+def dispatch(
+    experts: nn.ModuleList, flat: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor
+) -> torch.Tensor:
+    """Each token (a row of `flat`) through its chosen experts ([T, k] indices), summed by `weights`."""
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(chosen == e)
+        if token.numel():
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+    return out
 
 
 class Block(nn.Module):

@@ -61,6 +61,8 @@ MEM_ALLOC_RETRIES = "mfumon/mem_alloc_retries"
 MEM_OOMS = "mfumon/mem_ooms"
 EXPERT_LOAD_MAX = "mfumon/expert_load_max"
 EXPERTS_IDLE = "mfumon/experts_idle"
+#: Below this goodput a window lost notable time outside its steps: stdout's tail and plot mark it.
+NOTABLE_GOODPUT = 0.95
 
 #: Every key a logger can receive, with its meaning (the README table mirrors this).
 METRIC_KEYS: dict[str, str] = {

@@ -59,7 +59,6 @@ AXIS_LABELS = {
 }
 MAX_POINTS = 4000  # per drawn line; longer series keep each bucket's first, last, min and max
 GAP = 1.5  # a step gap over 1.5 windows means windows are missing (paused, or none logged)
-PAUSED = 0.05  # a window whose goodput is under 1 - PAUSED lost notable time outside its steps (as stdout)
 MAX_GAP_MARKS = 500  # gaps shaded per chart; the line is broken at every gap regardless
 
 
@@ -308,7 +307,9 @@ def paused_spans(run: RunLog, every_step: np.ndarray | None = None) -> list[tupl
     )
     starts = np.concatenate(([steps[0] - every], steps[:-1]))
     starts = np.where((steps - starts > 0) & (steps - starts <= GAP * every), starts, steps - every)
-    return [(a, b - a, 1.0 - g) for a, b, g in zip(starts, steps, goodput, strict=True) if g < 1.0 - PAUSED]
+    return [
+        (a, b - a, 1.0 - g) for a, b, g in zip(starts, steps, goodput, strict=True) if g < K.NOTABLE_GOODPUT
+    ]
 
 
 def _gap_spans(x: np.ndarray) -> list[tuple[float, float]]:

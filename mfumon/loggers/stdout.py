@@ -47,7 +47,6 @@ def format_line(metrics: Mapping[str, float], step: int, *, dtype: str | None = 
 
 
 #: When a ledger figure earns a place on the stdout line (every figure is in JSONL either way).
-NOTABLE_GOODPUT = 0.95  # below: paused time and gaps cost over 5% of the wall time
 NOTABLE_INPUT_WAIT = 0.05  # above: data loading and host work take over 5% of the step
 NOTABLE_RANK_SPREAD = 0.05  # the slowest rank's step over 5% longer than the fastest's
 NOTABLE_EXPERT_LOAD = 1.5  # the busiest expert of some layer gets 1.5x its share of tokens
@@ -57,7 +56,7 @@ def notable(metrics: Mapping[str, float]) -> list[str]:
     """The ledger's short tail for the stdout line: only what is notable in this window, else nothing."""
     tail = []
     goodput = metrics.get(K.GOODPUT)
-    if goodput is not None and goodput < NOTABLE_GOODPUT:
+    if goodput is not None and goodput < K.NOTABLE_GOODPUT:  # paused time and gaps over 5%
         tail.append(f"goodput {goodput * 100:.0f}%")
     wait = metrics.get(K.INPUT_WAIT_FRAC)
     if wait is not None and wait > NOTABLE_INPUT_WAIT:

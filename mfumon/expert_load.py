@@ -245,11 +245,12 @@ class ExpertLoad(Source):
             ready = True
         if not ready:
             return [math.nan] * (self.fields[0].size + 1)  # nothing finished yet: not measured, not zero
-        out: list[float] = []
-        for offset, reader in zip(self._offsets, self.readers, strict=True):
-            out.extend(
-                float(v) for v in total[offset : offset + reader.num_experts].tolist()
-            )  # host: no sync
+        counts = total.tolist()  # `total` is a host tensor: no sync
+        out = [
+            float(v)
+            for offset, r in zip(self._offsets, self.readers, strict=True)
+            for v in counts[offset : offset + r.num_experts]
+        ]
         return [*out, 1.0]
 
     def metrics(
